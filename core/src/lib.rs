@@ -1,0 +1,41 @@
+//! multifd-core: see the crate README below.
+//!
+#![doc = include_str!("../README.md")]
+#![no_std]
+#![deny(unsafe_code)]
+
+// Unit tests use the standard library; the library itself never does.
+#[cfg(test)]
+extern crate std;
+
+// `fmt` must come first: `macro_rules!` scoping is textual, and every later module uses its macros.
+#[macro_use]
+mod fmt;
+
+#[allow(unsafe_code)]
+pub mod lock;
+#[allow(unsafe_code)]
+pub(crate) mod sync;
+
+/// Version of this crate, for banners and `--version` output.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(all(test, feature = "defmt", not(target_os = "none")))]
+#[allow(unsafe_code)]
+mod defmt_host_logger {
+    //! Host unit tests with `--features defmt` need a global logger and a timestamp to link.
+    //! Firmware provides its own; this one discards everything and exists only in test builds.
+    #[defmt::global_logger]
+    struct Discard;
+
+    // SAFETY: every method is a no-op, so there is no state whose exclusivity `acquire`/`release`
+    // would have to guarantee.
+    unsafe impl defmt::Logger for Discard {
+        fn acquire() {}
+        unsafe fn flush() {}
+        unsafe fn release() {}
+        unsafe fn write(_bytes: &[u8]) {}
+    }
+
+    defmt::timestamp!("{=u32}", 0);
+}

@@ -1,0 +1,14 @@
+//! The firmware demo: multifd-core on a bare-metal Cortex-M3 (QEMU's lm3s6965evb).
+//!
+//! On the host this file compiles to a stub that explains how to run the real thing (`cargo fw`);
+//! the firmware itself lives in `fw.rs` and is built only for `target_os = "none"`.
+#![cfg_attr(target_os = "none", no_std)]
+#![cfg_attr(target_os = "none", no_main)]
+
+#[cfg(target_os = "none")]
+mod fw;
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("firmware-demo runs on bare metal; build and run it in QEMU with `cargo fw`");
+}

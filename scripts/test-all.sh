@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The one command that runs every test of multifd-rs (README: "Run every test").
+# Installs what it needs first (scripts/setup.sh), then runs the tiers below, printing one summary
+# line per tier, and exits non-zero if any tier failed. Knobs, for demonstrating that a tier can fail:
+#   MULTIFD_FW_FEATURES=fail-demo   build the firmware in tier 4 with a deliberately failing check
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+NIGHTLY="${MULTIFD_NIGHTLY:-nightly-2026-10-30}"
+TARGETS=(thumbv7m-none-eabi thumbv7em-none-eabihf riscv32imac-unknown-none-elf aarch64-unknown-none x86_64-unknown-none)
+LOGDIR="$ROOT/target/test-logs"
+mkdir -p "$LOGDIR"
+
+START=$(date +%s)
+SUMMARY=()
+FAILED=0
+
+# run_tier NAME CMD...: runs CMD quietly into a log; prints the log's tail if it fails.
+run_tier() {
+  local name="$1"
+  shift
+  local log="$LOGDIR/$name.log"
+  local t0
+  t0=$(date +%s)
+  echo "== tier $name: running"
+  # Run in a background subshell: `set -e` inside the tier is ignored in an `if` condition.
+  (
+    set -e
+    "$@"
+  ) >"$log" 2>&1 &
+  local rc=0
+  wait $! || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    SUMMARY+=("PASS  tier $name ($(($(date +%s) - t0)) s)$(tier_detail "$log")")
+  else
+    FAILED=1
+    SUMMARY+=("FAIL  tier $name ($(($(date +%s) - t0)) s), log: $log")
+    echo "---- last 60 lines of $log ----"
+    tail -n 60 "$log"
+    echo "----"
+  fi
+}
+
+# A short factual detail for the summary line: test counts from cargo's result lines.
+tier_detail() {
+  local passed failed
+  passed=$(grep -Eo 'test result: [a-z]+\. [0-9]+ passed' "$1" | awk '{s+=$4} END {print s+0}')
+  failed=$(grep -Eo '[0-9]+ failed' "$1" | awk '{s+=$1} END {print s+0}')
+  if grep -q 'test result:' "$1"; then echo ": $passed tests passed, $failed failed"; fi
+  grep -o '^firmware: exit.*' "$1" | sed 's/^/: /' || true
+}
+
+# Everything concurrent in the core goes through its `sync` seam, so loom can replace it.
+check_sync_seam() {
+  local hits
+  hits=$(grep -rnE 'core::sync::atomic|core::cell::UnsafeCell|core::hint::spin_loop|portable_atomic::' core/src \
+    --include=*.rs | grep -v '^core/src/sync.rs:' || true)
+  if [ -n "$hits" ]; then
+    echo "atomics, cells and spin hints in multifd-core must come from crate::sync; found:"
+    echo "$hits"
+    return 1
+  fi
+}
+
+tier1_lint() {
+  set -e
+  check_sync_seam
+  cargo fmt --all --check
+  cargo clippy --workspace --all-targets -- -D warnings
+  cargo clippy -p multifd-core --all-targets --features log -- -D warnings
+  cargo clippy -p firmware-demo -p multifd-core --profile fw --target thumbv7m-none-eabi -- -D warnings
+}
+
+tier2_test() {
+  set -e
+  cargo test --workspace
+  cargo test -p multifd-core --features log
+  cargo test -p multifd-core --features defmt
+}
+
+tier3_nostd() {
+  set -e
+  local t
+  for t in "${TARGETS[@]}"; do
+    cargo build -p multifd-core --target "$t"
+    cargo build -p multifd-core --target "$t" --features defmt
+  done
+}
+
+tier4_firmware() {
+  set -e
+  local features=()
+  [ -n "${MULTIFD_FW_FEATURES:-}" ] && features=(--features "$MULTIFD_FW_FEATURES")
+  cargo fw-build "${features[@]}"
+  local out="$LOGDIR/firmware-run.txt"
+  local rc=0
+  cargo fw "${features[@]}" >"$out" 2>&1 || rc=$?
+  cat "$out"
+  if [ "$rc" -ne 0 ]; then
+    echo "firmware exited with code $rc (expected 0)"
+    return 1
+  fi
+  grep -q 'PASS:' "$out" || { echo "decoded firmware log has no PASS line"; return 1; }
+  if grep -qE 'FAILED|panic:' "$out"; then echo "decoded firmware log reports a failure"; return 1; fi
+  echo "firmware: exit 0, $(grep -c 'check .*: ok' "$out") checks ok, $(grep -o 'PASS:.*' "$out")"
+}
+
+tier5_miri_loom() {
+  set -e
+  MIRIFLAGS="${MIRIFLAGS:--Zmiri-strict-provenance}" cargo "+$NIGHTLY" miri test -p multifd-core
+  LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}" RUSTFLAGS="--cfg loom" \
+    cargo test -p multifd-core --release --lib --target-dir target/loom -- loom_
+}
+
+tier6_doc() {
+  RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+}
+
+echo "== setup"
+if ! bash scripts/setup.sh; then
+  echo "setup failed: see the message above"
+  exit 1
+fi
+
+run_tier 1-lint tier1_lint
+run_tier 2-test tier2_test
+run_tier 3-nostd-build tier3_nostd
+run_tier 4-firmware-qemu tier4_firmware
+run_tier 5-miri-loom tier5_miri_loom
+run_tier 6-doc tier6_doc
+
+echo
+echo "== summary ($(($(date +%s) - START)) s)"
+printf '%s\n' "${SUMMARY[@]}"
+if [ "$FAILED" -ne 0 ]; then
+  echo "RESULT: FAILED"
+  exit 1
+fi
+echo "RESULT: all tiers passed"

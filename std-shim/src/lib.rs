@@ -1,0 +1,15 @@
+//! multifd-std: the std shim around [`multifd_core`].
+//!
+//! It maps the core's sans-I/O channel workers onto OS threads and sockets, routes the core's logging
+//! to the `log` facade, and hosts the `multifd` command-line tool. The core does the protocol work;
+//! this crate only moves bytes and runs workers.
+
+pub use multifd_core;
+
+/// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.
+pub fn init_logging(default_level: log::LevelFilter) {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(default_level).parse_default_env().format_target(false);
+    // A second call (tests, embedders that already set a logger) is not an error worth failing on.
+    let _ = builder.try_init();
+}
