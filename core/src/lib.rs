@@ -3,6 +3,7 @@
 #![doc = include_str!("../README.md")]
 #![no_std]
 #![deny(unsafe_code)]
+#![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
 
 // Unit tests use the standard library; the library itself never does.
 #[cfg(test)]
@@ -12,6 +13,8 @@ extern crate std;
 #[macro_use]
 mod fmt;
 
+#[allow(unsafe_code)]
+pub mod lifecycle;
 #[allow(unsafe_code)]
 pub mod lock;
 #[allow(unsafe_code)]
