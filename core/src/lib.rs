@@ -16,6 +16,7 @@ mod fmt;
 pub mod lock;
 #[allow(unsafe_code)]
 pub(crate) mod sync;
+pub mod wire;
 
 /// Version of this crate, for banners and `--version` output.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
