@@ -617,11 +617,12 @@ impl<'a> Packet<'a> {
         if flags.compression() != expected {
             return Err(DecodeError::CompressionMismatch { found: flags.compression(), expected });
         }
-        // Uncompressed, the payload is exactly the normal pages. QEMU 7.2 leaves a stale
-        // value in page-less SYNC packets, so those are exempt (and the payload length never
-        // comes from this field when uncompressed).
-        let stale_sync = flags.is_sync() && normal == 0 && zero == 0;
-        if cfg.compression == Compression::None && !stale_sync {
+        // Uncompressed, the payload is exactly the normal pages. QEMU 7.2 leaves a stale value
+        // in page-less packets (SYNC ones, and the empty packet that can follow a SYNC with
+        // pages), so those are exempt; the payload length never comes from this field when
+        // uncompressed.
+        let stale_ok = normal == 0 && zero == 0;
+        if cfg.compression == Compression::None && !stale_ok {
             let want = u64::from(normal) * u64::from(geo.page_size());
             if u64::from(next_packet_size) != want {
                 return Err(DecodeError::PayloadSizeMismatch { next_packet_size, normal, page_size: geo.page_size() });
