@@ -4,13 +4,14 @@
 
 mod wire_support;
 
+use core::time::Duration;
 use multifd_core::wire::stream::Record;
 use multifd_core::wire::{Flags, Geometry, InitPacket, Layout, RamHeader};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use wire_support::{PAGE, guest_image};
 
 struct Qemu(Child);
