@@ -26,7 +26,7 @@ fn table_and_json_of_a_capture() {
     assert!(text.contains("block \"m0\" used_length 0x400000"), "{text}");
     assert_eq!(text.matches("MULTIFD_FLUSH").count(), 3, "{text}");
     assert!(text.contains("multifd channel 2"), "{text}");
-    let json = inspect(std::slice::from_ref(&ch), Options { json: true, ..OPTS }).unwrap();
+    let json = inspect(core::slice::from_ref(&ch), Options { json: true, ..OPTS }).unwrap();
     assert!(json.starts_with("{\"files\":[{"), "{json}");
     assert!(json.contains("\"channel\":2"));
     assert_eq!(json.matches("\"sync\":true").count(), 3);
