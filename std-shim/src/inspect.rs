@@ -2,12 +2,12 @@
 //! debugging a migration. A multifd channel becomes a per-packet table (or JSON); a main stream
 //! becomes its list of records. Files are read incrementally, so large captures are fine.
 
+use core::fmt::{self, Write as _};
 use multifd_core::wire::stream::{Event, StreamConfig, StreamParser};
 use multifd_core::wire::{
     ChannelKind, CommonHeader, Compression, Geometry, InitPacket, Layout, Packet, PacketConfig, identify_channel,
     packet::{COMMON_HEADER_LEN, INIT_PACKET_LEN},
 };
-use core::fmt::{self, Write as _};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
