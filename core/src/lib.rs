@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod lock;
 #[allow(unsafe_code)]
 pub(crate) mod sync;
+pub mod wire;
 
 /// Version of this crate, for banners and `--version` output.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

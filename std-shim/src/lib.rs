@@ -6,6 +6,7 @@
 
 pub use multifd_core;
 
+pub mod inspect;
 pub mod platform;
 
 /// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.
