@@ -50,6 +50,7 @@ tier_detail() {
   failed=$(grep -Eo '[0-9]+ failed' "$1" | awk '{s+=$1} END {print s+0}')
   if grep -q 'test result:' "$1"; then echo ": $passed tests passed, $failed failed"; fi
   grep -o '^firmware: exit.*' "$1" | sed 's/^/: /' || true
+  grep -o '^tsan: .*' "$1" | sed 's/^/; /' || true
   grep -o '^fuzz: .*' "$1" | sed 's/^/: /' | paste -sd' ' - || true
 }
 
@@ -131,6 +132,26 @@ tier6_doc() {
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 }
 
+# ThreadSanitizer on the std shim and the real-thread lifecycle tests (nightly, std rebuilt with TSan).
+# The canary (a deliberate race) must be reported, or the sanitizer is not really on.
+tier8_tsan() {
+  set -e
+  local flags=(--target x86_64-unknown-linux-gnu --target-dir target/tsan -Zbuild-std)
+  export RUSTFLAGS="-Zsanitizer=thread" RUSTDOCFLAGS="-Zsanitizer=thread"
+  cargo "+$NIGHTLY" test "${flags[@]}" -p multifd-std --lib --tests
+  cargo "+$NIGHTLY" test "${flags[@]}" -p multifd-tests --test lifecycle_std
+  local bin
+  bin=$(cargo "+$NIGHTLY" test "${flags[@]}" -p multifd-tests --test lifecycle_std --no-run --message-format=json 2>/dev/null |
+    grep -o '"executable":"[^"]*"' | head -n1 | cut -d'"' -f4)
+  nm "$bin" | grep -q __tsan_init || { echo "$bin is not instrumented by ThreadSanitizer"; return 1; }
+  if cargo "+$NIGHTLY" test "${flags[@]}" -p multifd-tests --test tsan_canary -- --ignored >"$LOGDIR/tsan-canary.txt" 2>&1; then
+    echo "the TSan canary passed: ThreadSanitizer is not active"
+    return 1
+  fi
+  grep -q 'ThreadSanitizer: data race' "$LOGDIR/tsan-canary.txt" || { echo "canary failed without a TSan report"; return 1; }
+  echo "tsan: canary race reported, as it must be"
+}
+
 echo "== setup"
 if ! bash scripts/setup.sh; then
   echo "setup failed: see the message above"
@@ -144,6 +165,7 @@ run_tier 4-firmware-qemu tier4_firmware
 run_tier 5-miri-loom tier5_miri_loom
 run_tier 6-doc tier6_doc
 run_tier 7-fuzz tier7_fuzz
+run_tier 8-tsan tier8_tsan
 
 echo
 echo "== summary ($(($(date +%s) - START)) s)"
