@@ -12,6 +12,7 @@ extern crate std;
 #[macro_use]
 mod fmt;
 
+pub mod bitmap;
 #[allow(unsafe_code)]
 pub mod lock;
 #[allow(unsafe_code)]
