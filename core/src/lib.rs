@@ -13,6 +13,7 @@ extern crate std;
 mod fmt;
 
 pub mod bitmap;
+pub mod block;
 #[allow(unsafe_code)]
 pub mod lock;
 #[allow(unsafe_code)]
