@@ -246,3 +246,110 @@ impl<M: ?Sized, const N: usize> Drop for TableLease<'_, '_, M, N> {
         self.slot.state.fetch_sub(1, Ordering::Release);
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::block::AtomicRegion;
+    use crate::sync::AtomicU32;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    type Slot = TableSlot<'static, AtomicRegion<'static>, 1>;
+
+    /// A stand-in for the channel lifecycle: started workers minus joined ones.
+    struct Workers(AtomicU32);
+
+    impl WorkersQuiesced for Workers {
+        fn all_joined(&self) -> Result<(), StillRunning> {
+            // Acquire: pairs with the Release in `joined`, so the worker's accesses precede our Ok.
+            match self.0.load(Ordering::Acquire) {
+                0 => Ok(()),
+                n => Err(StillRunning { workers: n as u16 }),
+            }
+        }
+    }
+
+    /// Claims every worker is joined: the lease count alone must still keep the table safe.
+    struct Liar;
+
+    impl WorkersQuiesced for Liar {
+        fn all_joined(&self) -> Result<(), StillRunning> {
+            Ok(())
+        }
+    }
+
+    fn installed() -> Arc<Slot> {
+        let slot = Arc::new(Slot::new());
+        slot.install(ZeroPagePolicy::SkipUntouched, |_| Ok(())).unwrap();
+        slot
+    }
+
+    /// A release racing a worker that still runs is refused; after the join it succeeds, and the
+    /// worker's accesses all happened before (loom checks the table cell).
+    #[test]
+    fn loom_release_racing_running_worker_is_refused() {
+        loom::model(|| {
+            let slot = installed();
+            let workers = Arc::new(Workers(AtomicU32::new(1))); // started before the spawn
+            let s2 = Arc::clone(&slot);
+            let t = thread::spawn(move || {
+                let lease = s2.lease().unwrap();
+                lease.with(|t| assert_eq!(t.len(), 0));
+                // The worker does not mark itself joined; the join below does (as the lifecycle will).
+                drop(lease);
+            });
+            assert_eq!(slot.release(&*workers), Err(ReleaseError::WorkersRunning(StillRunning { workers: 1 })));
+            t.join().unwrap();
+            // Release: the join happened; publish it to the gate's Acquire.
+            workers.0.fetch_sub(1, Ordering::Release);
+            assert_eq!(slot.release(&*workers), Ok(()));
+            assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
+        });
+    }
+
+    /// Even if the worker registry were wrong, a release never overlaps a lease: it is refused while
+    /// the lease is held, and a lease taken after it fails. Loom flags any overlap of the worker's read
+    /// with the release's reset of the table.
+    #[test]
+    fn loom_release_never_overlaps_a_lease() {
+        loom::model(|| {
+            let slot = installed();
+            let s2 = Arc::clone(&slot);
+            let t = thread::spawn(move || match s2.lease() {
+                Ok(lease) => lease.with(|t| t.len() == 0),
+                Err(e) => {
+                    assert_eq!(e, ReleaseError::NotInstalled);
+                    false
+                }
+            });
+            let released = match slot.release(&Liar) {
+                Ok(()) => true,
+                Err(e) => {
+                    assert_eq!(e, ReleaseError::LeasesHeld { leases: 1 });
+                    false
+                }
+            };
+            let worker_read = t.join().unwrap();
+            if !released {
+                assert!(worker_read, "refused only because the worker held its lease");
+                assert_eq!(slot.release(&Liar), Ok(()));
+            }
+        });
+    }
+
+    /// A lease taken concurrently with an install either fails or sees the installed table.
+    #[test]
+    fn loom_install_publishes_the_table() {
+        loom::model(|| {
+            let slot = Arc::new(Slot::new());
+            let s2 = Arc::clone(&slot);
+            let t = thread::spawn(move || s2.lease().map(|l| l.with(|t| t.policy())));
+            slot.install(ZeroPagePolicy::AlwaysPopulate, |_| Ok(())).unwrap();
+            match t.join().unwrap() {
+                Ok(p) => assert_eq!(p, ZeroPagePolicy::AlwaysPopulate),
+                Err(e) => assert_eq!(e, ReleaseError::NotInstalled),
+            }
+        });
+    }
+}
