@@ -3,9 +3,10 @@
 //! Run: `cargo bench -p multifd-core --bench bitmap`. Warm-up and measurement times are set below
 //! (1 s and 2 s per benchmark) to keep a full run short on a shared machine.
 
-use std::hint::black_box;
-use std::sync::atomic::AtomicUsize;
-use std::time::{Duration, Instant};
+use core::hint::black_box;
+use core::sync::atomic::AtomicUsize;
+use core::time::Duration;
+use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use multifd_core::bitmap::{PageIndex, ReceivedBitmap, words_for};

@@ -543,7 +543,7 @@ impl Iterator for Runs<'_> {
 /// Test-build counter of atomic read-modify-writes on bitmap words, per thread.
 #[cfg(all(test, not(loom)))]
 pub(crate) mod rmw_count {
-    use std::cell::Cell;
+    use core::cell::Cell;
 
     std::thread_local! {
         static COUNT: Cell<usize> = const { Cell::new(0) };

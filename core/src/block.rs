@@ -414,7 +414,7 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
         let name = BlockName::new(spec.name)?;
         let page_size = spec.page_size;
         let bad_len = BlockError::BadUsedLength { used_len: spec.used_len, page_size: page_size.0 };
-        if spec.used_len == 0 || spec.used_len % u64::from(page_size.0) != 0 {
+        if spec.used_len == 0 || !spec.used_len.is_multiple_of(u64::from(page_size.0)) {
             return Err(bad_len);
         }
         let mapped = memory.len();
@@ -466,7 +466,7 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
     /// length, else a typed error.
     pub fn page_at(&self, offset: u64) -> Result<PageIndex, BlockError> {
         let page_size = self.page_size.0;
-        if offset % u64::from(page_size) != 0 {
+        if !offset.is_multiple_of(u64::from(page_size)) {
             return Err(BlockError::UnalignedOffset { offset, page_size });
         }
         // Aligned and below used_len (itself a multiple of the page size): the whole page fits.
