@@ -633,6 +633,24 @@ mod tests {
         }
     }
 
+    /// Memory that only has a length, for tests that never touch pages (cheap under Miri).
+    struct Unbacked(usize);
+
+    impl GuestMemory for Unbacked {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn write(&self, _: usize, _: &[u8]) {
+            unreachable!("validation tests write no pages")
+        }
+        fn fill_zero(&self, _: usize, _: usize) {
+            unreachable!("validation tests write no pages")
+        }
+        fn read(&self, _: usize, _: &mut [u8]) {
+            unreachable!("validation tests read no pages")
+        }
+    }
+
     fn words(pages: usize) -> Vec<AtomicWord> {
         (0..words_for(pages)).map(|_| AtomicWord::new(0)).collect()
     }
@@ -674,8 +692,8 @@ mod tests {
     fn data_in_round_k_then_zero_in_round_k_plus_1_ends_zero() {
         for policy in [ZeroPagePolicy::SkipUntouched, ZeroPagePolicy::AlwaysPopulate] {
             for zeroed in [true, false] {
-                let (mem, w) = (Recorder::new(8 * PS, 0), words(8));
-                let b = RamBlock::new(&spec(8, zeroed), policy, &mem, &w).unwrap();
+                let (mem, w) = (Recorder::new(6 * PS, 0), words(6));
+                let b = RamBlock::new(&spec(6, zeroed), policy, &mem, &w).unwrap();
                 b.write_page(p(5), &[0x5A; PS]).unwrap();
                 assert_eq!(mem.page(5), [0x5A; PS]);
                 assert_eq!(b.zero_page(p(5)), Ok(ZeroPage::Written), "{:?} zeroed={}", policy, zeroed);
@@ -742,7 +760,7 @@ mod tests {
 
     #[test]
     fn block_and_table_validation_errors_are_typed() {
-        let (mem, w) = (Recorder::new(8 * PS, 0), words(8));
+        let (mem, w) = (Unbacked(8 * PS), words(8));
         assert_eq!(PageSize::new(4096), Ok(PageSize::DEFAULT));
         for bad in [0, 512, 3000, 128 * 1024] {
             assert_eq!(PageSize::new(bad), Err(BlockError::BadPageSize { bytes: bad }));
@@ -753,7 +771,7 @@ mod tests {
         assert_eq!(BlockName::new(b"a\0b").unwrap_err(), BlockError::NulInName { at: 1 });
         assert_eq!(BlockName::new(&[b'a'; 255]).map(|n| n.as_bytes().len()), Ok(255));
 
-        let mut t: BlockTable<'_, Recorder, 2> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
+        let mut t: BlockTable<'_, Unbacked, 2> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
         let mut s = spec(8, true);
         s.used_len = 1000;
         assert_eq!(t.add(&s, &mem, &w).unwrap_err(), BlockError::BadUsedLength { used_len: 1000, page_size: 1024 });
@@ -762,7 +780,7 @@ mod tests {
         let a = t.add(&spec(8, true), &mem, &w).unwrap();
         assert_eq!(t.add(&spec(8, true), &mem, &w).unwrap_err(), BlockError::DuplicateName);
         let small = words(1);
-        let big_mem = Recorder::new(200 * PS, 0);
+        let big_mem = Unbacked(200 * PS);
         let s2 = BlockSpec { name: b"vga.vram", used_len: 200 * PS as u64, ..spec(1, true) };
         assert_eq!(
             t.add(&s2, &big_mem, &small).unwrap_err(),
@@ -787,20 +805,20 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+        // Miri runs a handful of cases: enough to check the code paths for undefined behaviour.
+        #![proptest_config(ProptestConfig { cases: if cfg!(miri) { 3 } else { 256 }, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Against a model of what the source sent: after any sequence of data and zero pages, every
         /// page sent holds its last content, every page never sent is untouched, and the bit is set
         /// exactly for pages sent; memory is touched only when the rules allow a skip not to apply.
         #[test]
-        #[cfg_attr(miri, ignore = "proptest is too slow under Miri; the unit tests cover the same code")]
         fn prop_block_pages_match_model(
             zeroed in any::<bool>(),
             populate in any::<bool>(),
             ops in proptest::collection::vec(prop_oneof![
                 (0usize..6, 1u8..=255).prop_map(|(i, v)| PageOp::Data(i, v)),
                 (0usize..6).prop_map(PageOp::Zero),
-            ], 0..30),
+            ], 0..if cfg!(miri) { 8 } else { 30 }),
         ) {
             let initial = if zeroed { 0 } else { 0xC3 };
             let (mem, w) = (Recorder::new(6 * PS, initial), words(6));
