@@ -66,4 +66,9 @@ if ! command -v defmt-print >/dev/null || ! defmt-print --version 2>/dev/null | 
   log "installing defmt-print (cargo install, about 2 minutes)"
   quiet cargo install --locked defmt-print@1.2.0 || die "cargo install defmt-print failed"
 fi
+# 5. cargo-fuzz, for the fuzz tier (run with the pinned nightly; the tool itself builds on stable).
+if ! command -v cargo-fuzz >/dev/null; then
+  log "installing cargo-fuzz (cargo install, about 2 minutes)"
+  quiet cargo install --locked cargo-fuzz || die "cargo install cargo-fuzz failed"
+fi
 log "ok"

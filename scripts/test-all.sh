@@ -50,6 +50,7 @@ tier_detail() {
   failed=$(grep -Eo '[0-9]+ failed' "$1" | awk '{s+=$1} END {print s+0}')
   if grep -q 'test result:' "$1"; then echo ": $passed tests passed, $failed failed"; fi
   grep -o '^firmware: exit.*' "$1" | sed 's/^/: /' || true
+  grep -o '^fuzz: .*' "$1" | sed 's/^/: /' | paste -sd' ' - || true
 }
 
 # Everything concurrent in the core goes through its `sync` seam, so loom can replace it.
@@ -114,6 +115,18 @@ tier5_miri_loom() {
     cargo test -p multifd-core --release --lib --target-dir target/loom -- loom_
 }
 
+# Each fuzz target of fuzz/ (its own workspace) for a bounded time; any crash fails the tier.
+FUZZ_SECONDS="${MULTIFD_FUZZ_SECONDS:-30}"
+tier7_fuzz() {
+  set -e
+  local t
+  cd fuzz
+  for t in $(cargo "+$NIGHTLY" fuzz list); do
+    cargo "+$NIGHTLY" fuzz run -O "$t" -- -max_total_time="$FUZZ_SECONDS" 2>&1 | tee "$LOGDIR/fuzz-$t.txt" | tail -n 3
+    echo "fuzz: $t $(grep -Eo '^Done [0-9]+ runs' "$LOGDIR/fuzz-$t.txt" | awk '{print $2}') executions"
+  done
+}
+
 tier6_doc() {
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 }
@@ -130,6 +143,7 @@ run_tier 3-nostd-build tier3_nostd
 run_tier 4-firmware-qemu tier4_firmware
 run_tier 5-miri-loom tier5_miri_loom
 run_tier 6-doc tier6_doc
+run_tier 7-fuzz tier7_fuzz
 
 echo
 echo "== summary ($(($(date +%s) - START)) s)"

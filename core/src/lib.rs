@@ -3,6 +3,7 @@
 #![doc = include_str!("../README.md")]
 #![no_std]
 #![deny(unsafe_code)]
+#![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
 
 // Unit tests use the standard library; the library itself never does.
 #[cfg(test)]
@@ -15,9 +16,12 @@ mod fmt;
 pub mod bitmap;
 pub mod block;
 #[allow(unsafe_code)]
+pub mod lifecycle;
+#[allow(unsafe_code)]
 pub mod lock;
 #[allow(unsafe_code)]
 pub(crate) mod sync;
+pub mod wire;
 
 /// Version of this crate, for banners and `--version` output.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -6,6 +6,9 @@
 
 pub use multifd_core;
 
+pub mod inspect;
+pub mod platform;
+
 /// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.
 pub fn init_logging(default_level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();

@@ -1,6 +1,10 @@
 //! `multifd`: command-line front end of multifd-rs.
 
-use clap::Parser;
+use clap::{Parser, Subcommand, ValueEnum};
+use multifd_std::inspect::{self, Options};
+use multifd_std::multifd_core::wire::Layout;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// QEMU-compatible multifd live-migration channels, in Rust.
 ///
@@ -11,9 +15,41 @@ struct Cli {
     /// More log output (-v: debug, -vv: trace). `RUST_LOG` overrides this.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn main() {
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Decode captured migration streams (one file per connection: main stream or multifd
+    /// channel, told apart by their first bytes) and print their packets and records.
+    Inspect {
+        /// Captured streams.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Target page size of the migration (fixes the packet header length).
+        #[arg(long, default_value_t = 4096)]
+        page_size: u32,
+        /// RAM packet header layout of the sender.
+        #[arg(long, value_enum, default_value_t = LayoutArg::V9_0)]
+        layout: LayoutArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    /// QEMU 7.2 to 8.2 (no zero_pages field).
+    #[value(name = "7.2")]
+    V7_2,
+    /// QEMU 9.0 and later.
+    #[value(name = "9.0")]
+    V9_0,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => log::LevelFilter::Info,
@@ -21,5 +57,26 @@ fn main() {
         _ => log::LevelFilter::Trace,
     };
     multifd_std::init_logging(level);
-    log::info!("multifd {} (core {})", env!("CARGO_PKG_VERSION"), multifd_std::multifd_core::VERSION);
+    match cli.command {
+        None => {
+            log::info!("multifd {} (core {})", env!("CARGO_PKG_VERSION"), multifd_std::multifd_core::VERSION);
+            ExitCode::SUCCESS
+        }
+        Some(Command::Inspect { files, json, page_size, layout }) => {
+            let layout = match layout {
+                LayoutArg::V7_2 => Layout::V7_2,
+                LayoutArg::V9_0 => Layout::V9_0,
+            };
+            match inspect::inspect(&files, Options { page_size, layout, json }) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("multifd inspect: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,364 @@
+//! Error types of the multifd packet codecs.
+
+use core::fmt;
+
+/// The first bytes of a peer-supplied name (block or section id), kept for error messages.
+///
+/// Copy and small: holds up to [`Name::CAP`] bytes and the full length of the original.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Name {
+    bytes: [u8; Name::CAP],
+    len: u16,
+}
+
+impl Name {
+    /// How many bytes of the name are kept.
+    pub const CAP: usize = 32;
+
+    /// Keeps the first [`Name::CAP`] bytes of `name`.
+    pub fn new(name: &[u8]) -> Self {
+        let mut bytes = [0u8; Name::CAP];
+        let n = name.len().min(Name::CAP);
+        bytes[..n].copy_from_slice(&name[..n]);
+        Name { bytes, len: u16::try_from(name.len()).unwrap_or(u16::MAX) }
+    }
+
+    /// The kept prefix of the name.
+    pub fn prefix(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(Name::CAP)]
+    }
+
+    /// Length of the original name.
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Whether the original name was empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for &b in self.prefix() {
+            if b.is_ascii_graphic() || b == b' ' {
+                write!(f, "{}", b as char)?;
+            } else {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        if self.len() > Name::CAP { write!(f, "...\" ({} bytes)", self.len()) } else { f.write_str("\"") }
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A header field, for [`DecodeError::Truncated`] and [`EncodeError`] messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Field {
+    /// The 64-byte init packet.
+    InitPacket,
+    /// The 12 bytes common to every packet header (magic, version, flags).
+    CommonHeader,
+    /// The whole RAM packet header (fixed part and offset array).
+    RamHeader,
+    /// The 276-byte device-state packet header.
+    DeviceStateHeader,
+    /// The block name of a RAM packet.
+    BlockName,
+    /// The offset array of a RAM packet.
+    Offsets,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Field::InitPacket => "init packet",
+            Field::CommonHeader => "packet header (magic, version, flags)",
+            Field::RamHeader => "RAM packet header",
+            Field::DeviceStateHeader => "device-state packet header",
+            Field::BlockName => "block name",
+            Field::Offsets => "offset array",
+        })
+    }
+}
+
+/// Why a multifd init packet or packet header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Fewer bytes than `field` needs.
+    Truncated {
+        /// What was being decoded.
+        field: Field,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// The first 4 bytes of a connection are neither `QEVM` nor the multifd magic.
+    UnknownChannelMagic {
+        /// The 4 bytes, big-endian.
+        found: u32,
+    },
+    /// `magic` is not `0x11223344`.
+    BadMagic {
+        /// Value received.
+        found: u32,
+    },
+    /// `version` is not 1.
+    BadVersion {
+        /// Value received.
+        found: u32,
+    },
+    /// The init packet's uuid differs from the one this receiver was configured with.
+    UuidMismatch {
+        /// Our uuid.
+        ours: [u8; 16],
+        /// The peer's uuid.
+        theirs: [u8; 16],
+    },
+    /// Channel `id` is not below the configured channel count.
+    ChannelIdOutOfRange {
+        /// Id received.
+        id: u8,
+        /// Configured number of channels.
+        channels: u8,
+    },
+    /// A second channel announced an id already taken.
+    DuplicateChannel {
+        /// The id announced twice.
+        id: u8,
+    },
+    /// `flags` has bits no QEMU version defines.
+    UnknownFlags {
+        /// Value received.
+        flags: u32,
+    },
+    /// The compression value in `flags` is not the configured method.
+    CompressionMismatch {
+        /// Compression value received (`flags & 0x3e`).
+        found: u32,
+        /// Compression value configured.
+        expected: u32,
+    },
+    /// `pages_alloc` is larger than the local `page_count`.
+    PagesAllocTooLarge {
+        /// Value received.
+        pages_alloc: u32,
+        /// `512 KiB / page size`.
+        page_count: u32,
+    },
+    /// `normal_pages` is larger than `pages_alloc`.
+    NormalExceedsAlloc {
+        /// Value received.
+        normal: u32,
+        /// Value received.
+        pages_alloc: u32,
+    },
+    /// `zero_pages` is larger than `pages_alloc - normal_pages`.
+    ZeroExceedsAlloc {
+        /// Value received.
+        zero: u32,
+        /// Value received.
+        normal: u32,
+        /// Value received.
+        pages_alloc: u32,
+    },
+    /// `next_packet_size` is not `normal_pages * page_size` in an uncompressed packet.
+    PayloadSizeMismatch {
+        /// Value received.
+        next_packet_size: u32,
+        /// Value received.
+        normal: u32,
+        /// Local page size.
+        page_size: u32,
+    },
+    /// A name field (block name or device id) has no NUL in its 256 bytes.
+    NameUnterminated {
+        /// Which field.
+        field: Field,
+    },
+    /// The block named by a packet with pages is not known to the receiver.
+    UnknownBlock {
+        /// The name received.
+        name: Name,
+    },
+    /// Offset number `index` is not a multiple of the block's page size.
+    OffsetMisaligned {
+        /// Position in the offset array.
+        index: u32,
+        /// Value received.
+        offset: u64,
+        /// The block's page size.
+        page_size: u32,
+    },
+    /// Offset number `index` does not leave a whole page inside the block.
+    OffsetOutOfRange {
+        /// Position in the offset array.
+        index: u32,
+        /// Value received.
+        offset: u64,
+        /// The block's page size.
+        page_size: u32,
+        /// The block's used length.
+        used_length: u64,
+    },
+    /// A device-state packet arrived and the receiver is configured to refuse them.
+    DeviceStateRefused {
+        /// Its `next_packet_size`.
+        next_packet_size: u32,
+    },
+    /// A device-state packet has SYNC or a compression value set (`flags`).
+    DeviceStateFlags {
+        /// Value received.
+        flags: u32,
+    },
+    /// A device-state packet announces an empty payload.
+    DeviceStateEmpty,
+    /// The configured page size is not a power of two dividing 512 KiB, at least 1 KiB.
+    BadPageSize {
+        /// The configured page size.
+        page_size: u32,
+    },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            DecodeError::Truncated { field, need, have } => {
+                write!(f, "truncated {field}: need {need} bytes, have {have}")
+            }
+            DecodeError::UnknownChannelMagic { found } => write!(
+                f,
+                "unknown channel magic {found:#010x} (expected {:#010x} main stream or {:#010x} multifd)",
+                super::MAIN_MAGIC,
+                super::MULTIFD_MAGIC
+            ),
+            DecodeError::BadMagic { found } => {
+                write!(f, "magic is {found:#010x}, expected {:#010x}", super::MULTIFD_MAGIC)
+            }
+            DecodeError::BadVersion { found } => {
+                write!(f, "version is {found}, expected {}", super::MULTIFD_VERSION)
+            }
+            DecodeError::UuidMismatch { ours, theirs } => {
+                write!(f, "uuid is {theirs:02x?}, expected {ours:02x?}")
+            }
+            DecodeError::ChannelIdOutOfRange { id, channels } => {
+                write!(f, "channel id {id} is out of range for {channels} channels")
+            }
+            DecodeError::DuplicateChannel { id } => write!(f, "channel id {id} is already set up"),
+            DecodeError::UnknownFlags { flags } => write!(f, "flags {flags:#x} has unknown bits"),
+            DecodeError::CompressionMismatch { found, expected } => {
+                write!(f, "compression value in flags is {found:#x}, expected {expected:#x}")
+            }
+            DecodeError::PagesAllocTooLarge { pages_alloc, page_count } => {
+                write!(f, "pages_alloc {pages_alloc} is larger than page_count {page_count}")
+            }
+            DecodeError::NormalExceedsAlloc { normal, pages_alloc } => {
+                write!(f, "normal_pages {normal} is larger than pages_alloc {pages_alloc}")
+            }
+            DecodeError::ZeroExceedsAlloc { zero, normal, pages_alloc } => {
+                write!(f, "zero_pages {zero} is larger than pages_alloc {pages_alloc} - normal_pages {normal}")
+            }
+            DecodeError::PayloadSizeMismatch { next_packet_size, normal, page_size } => {
+                write!(f, "next_packet_size {next_packet_size} is not normal_pages {normal} * page size {page_size}")
+            }
+            DecodeError::NameUnterminated { field } => write!(f, "{field} is not NUL-terminated"),
+            DecodeError::UnknownBlock { name } => write!(f, "unknown RAM block {name}"),
+            DecodeError::OffsetMisaligned { index, offset, page_size } => {
+                write!(f, "offset[{index}] {offset:#x} is not a multiple of the page size {page_size}")
+            }
+            DecodeError::OffsetOutOfRange { index, offset, page_size, used_length } => write!(
+                f,
+                "offset[{index}] {offset:#x} + page size {page_size} is past the block's used length {used_length:#x}"
+            ),
+            DecodeError::DeviceStateRefused { next_packet_size } => {
+                write!(f, "device-state packet ({next_packet_size} payload bytes) refused by configuration")
+            }
+            DecodeError::DeviceStateFlags { flags } => {
+                write!(f, "device-state packet has flags {flags:#x} (SYNC or compression set)")
+            }
+            DecodeError::DeviceStateEmpty => f.write_str("device-state packet has an empty payload"),
+            DecodeError::BadPageSize { page_size } => {
+                write!(f, "page size {page_size} is not a power of two between 1 KiB and 512 KiB")
+            }
+        }
+    }
+}
+
+impl core::error::Error for DecodeError {}
+
+/// Why an encoder could not write its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The output buffer is smaller than the encoding.
+    BufferTooSmall {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// A name is longer than its field allows (`max` bytes, without the terminator).
+    NameTooLong {
+        /// Its length.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// More offsets than the packet has slots.
+    TooManyOffsets {
+        /// Offsets given.
+        count: usize,
+        /// Slots in the packet.
+        page_count: u32,
+    },
+    /// `normal_pages + zero_pages` does not match the number of offsets given.
+    CountMismatch {
+        /// `normal_pages + zero_pages`.
+        declared: u64,
+        /// Offsets given.
+        given: usize,
+    },
+    /// A main-stream RAM record offset is not page-aligned.
+    Misaligned {
+        /// The offset.
+        offset: u64,
+    },
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            EncodeError::BufferTooSmall { need, have } => {
+                write!(f, "output buffer too small: need {need} bytes, have {have}")
+            }
+            EncodeError::NameTooLong { len, max } => {
+                write!(f, "name of {len} bytes is longer than the maximum {max}")
+            }
+            EncodeError::TooManyOffsets { count, page_count } => {
+                write!(f, "{count} offsets do not fit in {page_count} slots")
+            }
+            EncodeError::CountMismatch { declared, given } => {
+                write!(f, "normal_pages + zero_pages is {declared} but {given} offsets were given")
+            }
+            EncodeError::Misaligned { offset } => {
+                write!(f, "offset {offset:#x} is not page-aligned")
+            }
+        }
+    }
+}
+
+impl core::error::Error for EncodeError {}
