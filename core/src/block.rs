@@ -20,8 +20,8 @@
 //! Blocks borrow their memory and bitmap words for `'a`, and workers share `&BlockTable`. On std,
 //! workers are scoped threads, so the compiler proves the table outlives them. On static storage, put
 //! the table in a [`TableSlot`]: workers hold [`TableLease`]s, and [`TableSlot::release`] (which frees
-//! the slot for the next migration's table, and so the storage for reuse) is refused while any
-//! worker is not joined or any lease is held.
+//! the slot for the next migration's table, and so the storage for reuse) requires the lifecycle's
+//! [`AllJoined`](crate::lifecycle::AllJoined) token and is refused while any lease is held.
 //!
 //! # Example
 //!
@@ -54,7 +54,7 @@ use crate::sync::Ordering;
 
 #[allow(unsafe_code)]
 mod slot;
-pub use slot::{ReleaseError, StillRunning, TableLease, TableSlot, WorkersQuiesced};
+pub use slot::{ReleaseError, TableLease, TableSlot};
 
 /// One byte of guest memory for [`AtomicRegion`] (`core::sync::atomic::AtomicU8`).
 pub type AtomicU8 = crate::sync::AtomicU8;
@@ -590,7 +590,9 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> BlockTable<'a, M, N> {
 mod tests {
     use super::*;
     use crate::bitmap::words_for;
+    use crate::lifecycle::{ChannelId, ChannelState, CleanupError, Coordinator, Platform, Wake, WorkerExit};
     use crate::sync::AtomicUsize;
+    use core::convert::Infallible;
     use proptest::prelude::*;
     use std::vec::Vec;
 
@@ -849,32 +851,57 @@ mod tests {
         }
     }
 
-    struct Joined(u16);
-    impl WorkersQuiesced for Joined {
-        fn all_joined(&self) -> Result<(), StillRunning> {
-            if self.0 == 0 { Ok(()) } else { Err(StillRunning { workers: self.0 }) }
+    /// A platform that runs nothing: a started worker is a unit handle and joining it returns at once
+    /// (enough to drive the coordinator's states; the tests below play the workers themselves).
+    struct Inline;
+
+    impl Wake for Inline {
+        fn wake(&self, _: ChannelId) {}
+    }
+
+    impl Platform for Inline {
+        type Handle = ();
+        type Error = Infallible;
+        fn start(&self, _: ChannelId) -> Result<(), Infallible> {
+            Ok(())
+        }
+        fn join(&self, _: ChannelId, _: ()) -> WorkerExit {
+            WorkerExit::Returned
         }
     }
+
+    type Coord = Coordinator<(), Infallible, 2>;
 
     #[test]
     fn slot_install_lease_release_cycle() {
         let (mem, w) = (Recorder::new(8 * PS, 0), words(8));
         let slot: TableSlot<'_, Recorder, 2> = TableSlot::new();
         assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
-        assert_eq!(slot.release(&Joined(0)), Err(ReleaseError::NotInstalled));
 
         slot.install(ZeroPagePolicy::SkipUntouched, |t| t.add(&spec(8, true), &mem, &w).map(drop)).unwrap();
         assert_eq!(slot.install(ZeroPagePolicy::SkipUntouched, |_| Ok(())), Err(ReleaseError::Occupied));
 
+        let coord = Coord::new(2).unwrap();
+        assert_eq!(coord.create_all(&Inline, |_| Ok(())).map(|r| r.started), Ok(2));
         let lease = slot.lease().unwrap();
         let second = slot.lease().unwrap();
         lease.with(|t| t.find(b"ram0").unwrap().1.write_page(p(1), &[9; PS])).unwrap();
-        assert_eq!(slot.release(&Joined(2)), Err(ReleaseError::WorkersRunning(StillRunning { workers: 2 })));
-        assert_eq!(slot.release(&Joined(0)), Err(ReleaseError::LeasesHeld { leases: 2 }));
+        assert_eq!(
+            slot.release_after(&coord),
+            Err(ReleaseError::NotQuiescent(CleanupError::NotQuiescent {
+                channel: ChannelId(0),
+                state: ChannelState::Running
+            })),
+            "workers started and not joined: refused"
+        );
+        let token = coord.cleanup(&Inline).unwrap();
+        assert_eq!(token.report().joined, 2);
+        assert_eq!(slot.release(&token), Err(ReleaseError::LeasesHeld { leases: 2 }));
         drop(lease);
-        assert_eq!(slot.release(&Joined(0)), Err(ReleaseError::LeasesHeld { leases: 1 }));
+        assert_eq!(slot.release_after(&coord), Err(ReleaseError::LeasesHeld { leases: 1 }));
         drop(second);
-        assert_eq!(slot.release(&Joined(0)), Ok(()));
+        assert_eq!(slot.release(&token), Ok(()));
+        assert_eq!(slot.release(&token), Err(ReleaseError::NotInstalled));
         assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
 
         // The storage is free again: the next migration's table reuses it, with a clean bitmap.
@@ -916,7 +943,9 @@ mod tests {
                 });
             }
         });
-        assert_eq!(SLOT.release(&Joined(0)), Ok(()));
+        // The scope joined both workers; a coordinator that started none gives the token.
+        let coord = Coord::new(1).unwrap();
+        assert_eq!(SLOT.release(&coord.cleanup(&Inline).unwrap()), Ok(()));
         assert_eq!(WORDS[0].load(Ordering::Relaxed), 0b11, "both workers' bits landed before release");
     }
 }

@@ -8,8 +8,10 @@
 //!
 //! - workers reach the table only through a [`TableLease`] (closure-scoped, counted);
 //! - [`TableSlot::release`], which empties the slot so that the next migration can install a table
-//!   over the same storage, is refused unless the embedder's worker registry reports every worker
-//!   joined ([`WorkersQuiesced`]) **and** no lease is held.
+//!   over the same storage, takes the lifecycle's [`AllJoined`] token (proof that every worker the
+//!   migration's [`Coordinator`] started has been joined) and is still refused while any lease is
+//!   held; [`TableSlot::release_after`] asks the coordinator for the token itself and fails with
+//!   [`ReleaseError::NotQuiescent`] while a channel is not yet joined.
 //!
 //! # Concurrency contract
 //!
@@ -17,8 +19,9 @@
 //! and the lease count. Leases are taken with a CAS that requires `LIVE` and not `BUSY`; install and
 //! release own the table exclusively between taking `BUSY` with a CAS from the exact state they
 //! expect (empty; live with no lease) and storing the next state. The lease count alone makes the
-//! slot memory-safe; the joined check is the migration-level rule (a worker also holds `'static`
-//! references to the storage that no count can see).
+//! slot memory-safe; the joined token is the migration-level rule (a worker may also hold `'static`
+//! references to the storage that no count can see, and a token from another migration's
+//! coordinator would not cover this one's workers: the count still refuses in that case).
 //!
 //! ```mermaid
 //! stateDiagram-v2
@@ -32,41 +35,20 @@
 use core::fmt;
 
 use super::{BlockError, BlockTable, GuestMemory, ZeroPagePolicy};
+use crate::lifecycle::{AllJoined, CleanupError, Coordinator};
 use crate::sync::{AtomicUsize, Ordering, UnsafeCell};
 
 const LIVE: usize = 1 << (usize::BITS - 1);
 const BUSY: usize = 1 << (usize::BITS - 2);
 const COUNT: usize = BUSY - 1;
 
-/// The embedder's answer to "is every receive worker of this migration joined?".
-pub trait WorkersQuiesced {
-    /// `Ok` only if every worker that was started has been joined (or none was started).
-    fn all_joined(&self) -> Result<(), StillRunning>;
-}
-
-/// Workers that were started and are not joined yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct StillRunning {
-    /// How many.
-    pub workers: u16,
-}
-
-impl fmt::Display for StillRunning {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} receive workers not joined", self.workers)
-    }
-}
-
-impl core::error::Error for StillRunning {}
-
 /// Why a [`TableSlot`] operation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
 pub enum ReleaseError {
-    /// Release asked while workers still run.
-    WorkersRunning(StillRunning),
+    /// Release asked while the migration's coordinator has not joined every worker.
+    NotQuiescent(CleanupError),
     /// Release asked while leases are held.
     LeasesHeld {
         /// Leases held at the time.
@@ -85,7 +67,7 @@ pub enum ReleaseError {
 impl fmt::Display for ReleaseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::WorkersRunning(e) => write!(f, "block table not released: {}", e),
+            Self::NotQuiescent(e) => write!(f, "block table not released: {}", e),
             Self::LeasesHeld { leases } => write!(f, "block table not released: {} leases held", leases),
             Self::NotInstalled => write!(f, "no block table installed"),
             Self::Occupied => write!(f, "block table slot occupied or busy"),
@@ -185,12 +167,12 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> TableSlot<'a, M, N> {
         }
     }
 
-    /// Empties the slot so its storage can be reused for the next migration's table. Refused with
-    /// [`ReleaseError::WorkersRunning`] unless `workers` reports every worker joined, with
-    /// [`ReleaseError::LeasesHeld`] while any lease is held, and with [`ReleaseError::NotInstalled`]
-    /// when there is nothing to release.
-    pub fn release(&self, workers: &impl WorkersQuiesced) -> Result<(), ReleaseError> {
-        workers.all_joined().map_err(ReleaseError::WorkersRunning)?;
+    /// Empties the slot so its storage can be reused for the next migration's table. `joined` proves
+    /// that every worker of the migration was joined (get it from [`Coordinator::cleanup`] or
+    /// [`Coordinator::all_joined`]). Refused with [`ReleaseError::LeasesHeld`] while any lease is
+    /// held, and with [`ReleaseError::NotInstalled`] when there is nothing to release.
+    pub fn release(&self, joined: &AllJoined<'_>) -> Result<(), ReleaseError> {
+        let _ = joined;
         // Acquire on success: every lease holder's reads (ended by its Release decrement) happen
         // before we reset the table. Relaxed on failure: only the value is reported.
         if let Err(s) = self.state.compare_exchange(LIVE, BUSY, Ordering::Acquire, Ordering::Relaxed) {
@@ -211,6 +193,17 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> TableSlot<'a, M, N> {
         // Release: the reset happens before the next install's Acquire.
         self.state.store(0, Ordering::Release);
         Ok(())
+    }
+
+    /// [`release`](Self::release), with the token taken from `coordinator`: refused with
+    /// [`ReleaseError::NotQuiescent`] (naming a channel not yet joined and its state) until the
+    /// coordinator's cleanup has joined every worker it started.
+    pub fn release_after<H, E, const MAX: usize>(
+        &self,
+        coordinator: &Coordinator<H, E, MAX>,
+    ) -> Result<(), ReleaseError> {
+        let joined = coordinator.all_joined().map_err(ReleaseError::NotQuiescent)?;
+        self.release(&joined)
     }
 }
 
@@ -251,31 +244,45 @@ impl<M: ?Sized, const N: usize> Drop for TableLease<'_, '_, M, N> {
 mod loom_tests {
     use super::*;
     use crate::block::AtomicRegion;
-    use crate::sync::AtomicU32;
+    use crate::lifecycle::{ChannelId, Platform, Wake, WorkerExit};
+    use crate::sync::AtomicBool;
+    use core::convert::Infallible;
     use loom::sync::Arc;
     use loom::thread;
 
     type Slot = TableSlot<'static, AtomicRegion<'static>, 1>;
+    type Coord = Coordinator<thread::JoinHandle<()>, Infallible, 1>;
 
-    /// A stand-in for the channel lifecycle: started workers minus joined ones.
-    struct Workers(AtomicU32);
+    /// Starts one loom thread per channel; the worker leases the table, reads it, and records that.
+    struct Workers {
+        slot: Arc<Slot>,
+        worked: Arc<AtomicBool>,
+    }
 
-    impl WorkersQuiesced for Workers {
-        fn all_joined(&self) -> Result<(), StillRunning> {
-            // Acquire: pairs with the Release in `joined`, so the worker's accesses precede our Ok.
-            match self.0.load(Ordering::Acquire) {
-                0 => Ok(()),
-                n => Err(StillRunning { workers: n as u16 }),
-            }
+    impl Wake for Workers {
+        fn wake(&self, _: ChannelId) {}
+        fn idle(&self, _: ChannelId) {
+            thread::yield_now();
         }
     }
 
-    /// Claims every worker is joined: the lease count alone must still keep the table safe.
-    struct Liar;
+    impl Platform for Workers {
+        type Handle = thread::JoinHandle<()>;
+        type Error = Infallible;
 
-    impl WorkersQuiesced for Liar {
-        fn all_joined(&self) -> Result<(), StillRunning> {
-            Ok(())
+        fn start(&self, _: ChannelId) -> Result<Self::Handle, Infallible> {
+            let (slot, worked) = (Arc::clone(&self.slot), Arc::clone(&self.worked));
+            Ok(thread::spawn(move || {
+                // The table is installed before any worker starts, and cannot go while we run.
+                let lease = slot.lease().unwrap();
+                lease.with(|t| assert_eq!(t.len(), 0));
+                // Relaxed: the join orders this for the checks after it.
+                worked.store(true, Ordering::Relaxed);
+            }))
+        }
+
+        fn join(&self, _: ChannelId, handle: Self::Handle) -> WorkerExit {
+            handle.join().map_or(WorkerExit::Panicked, |()| WorkerExit::Returned)
         }
     }
 
@@ -285,32 +292,41 @@ mod loom_tests {
         slot
     }
 
-    /// A release racing a worker that still runs is refused; after the join it succeeds, and the
-    /// worker's accesses all happened before (loom checks the table cell).
+    /// A release racing a worker that still runs is refused: while cleanup (on another thread) has not
+    /// joined the worker, `release_after` fails with `NotQuiescent`; once it succeeds, the worker's
+    /// table accesses all happened before (loom checks the table cell against the release's reset).
     #[test]
     fn loom_release_racing_running_worker_is_refused() {
         loom::model(|| {
             let slot = installed();
-            let workers = Arc::new(Workers(AtomicU32::new(1))); // started before the spawn
-            let s2 = Arc::clone(&slot);
-            let t = thread::spawn(move || {
-                let lease = s2.lease().unwrap();
-                lease.with(|t| assert_eq!(t.len(), 0));
-                // The worker does not mark itself joined; the join below does (as the lifecycle will).
-                drop(lease);
-            });
-            assert_eq!(slot.release(&*workers), Err(ReleaseError::WorkersRunning(StillRunning { workers: 1 })));
-            t.join().unwrap();
-            // Release: the join happened; publish it to the gate's Acquire.
-            workers.0.fetch_sub(1, Ordering::Release);
-            assert_eq!(slot.release(&*workers), Ok(()));
+            let workers = Arc::new(Workers { slot: Arc::clone(&slot), worked: Arc::new(AtomicBool::new(false)) });
+            let coord = Arc::new(Coord::new(1).unwrap());
+            assert_eq!(coord.create_all(&*workers, |_| Ok(())).map(|r| r.started), Ok(1));
+            // The worker has started and nobody joined it: refused, whatever it is doing now.
+            assert!(matches!(slot.release_after(&*coord), Err(ReleaseError::NotQuiescent(_))));
+            let cleaner = {
+                let (coord, workers) = (Arc::clone(&coord), Arc::clone(&workers));
+                thread::spawn(move || {
+                    coord.cleanup(&*workers).unwrap();
+                })
+            };
+            loop {
+                match slot.release_after(&*coord) {
+                    Ok(()) => break,
+                    Err(ReleaseError::NotQuiescent(_)) => thread::yield_now(),
+                    Err(e) => panic!("unexpected {:?}", e),
+                }
+            }
+            // Relaxed: `release_after` acquired cleanup's Release, which follows the join.
+            assert!(workers.worked.load(Ordering::Relaxed), "released only after the worker finished");
             assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
+            cleaner.join().unwrap();
         });
     }
 
-    /// Even if the worker registry were wrong, a release never overlaps a lease: it is refused while
-    /// the lease is held, and a lease taken after it fails. Loom flags any overlap of the worker's read
-    /// with the release's reset of the table.
+    /// A token from the wrong coordinator (one that started nothing) proves nothing about this worker;
+    /// the lease count still keeps release from overlapping it: refused while the lease is held, and a
+    /// lease asked after a release fails. Loom flags any overlap of the read with the reset.
     #[test]
     fn loom_release_never_overlaps_a_lease() {
         loom::model(|| {
@@ -323,7 +339,9 @@ mod loom_tests {
                     false
                 }
             });
-            let released = match slot.release(&Liar) {
+            let other = Coordinator::<(), Infallible, 1>::new(1).unwrap();
+            let token = other.cleanup(&NoWorkers).unwrap();
+            let released = match slot.release(&token) {
                 Ok(()) => true,
                 Err(e) => {
                     assert_eq!(e, ReleaseError::LeasesHeld { leases: 1 });
@@ -333,9 +351,27 @@ mod loom_tests {
             let worker_read = t.join().unwrap();
             if !released {
                 assert!(worker_read, "refused only because the worker held its lease");
-                assert_eq!(slot.release(&Liar), Ok(()));
+                assert_eq!(slot.release(&token), Ok(()));
             }
         });
+    }
+
+    /// A platform for a coordinator that never starts a worker.
+    struct NoWorkers;
+
+    impl Wake for NoWorkers {
+        fn wake(&self, _: ChannelId) {}
+    }
+
+    impl Platform for NoWorkers {
+        type Handle = ();
+        type Error = Infallible;
+        fn start(&self, _: ChannelId) -> Result<(), Infallible> {
+            Ok(())
+        }
+        fn join(&self, _: ChannelId, _: ()) -> WorkerExit {
+            WorkerExit::Returned
+        }
     }
 
     /// A lease taken concurrently with an install either fails or sees the installed table.
