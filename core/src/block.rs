@@ -56,7 +56,7 @@ use crate::sync::Ordering;
 mod slot;
 pub use slot::{ReleaseError, TableLease, TableSlot};
 
-/// One byte of guest memory for [`AtomicRegion`] (`core::sync::atomic::AtomicU8`).
+/// One byte of guest memory for [`AtomicRegion`]: the platform's atomic byte (loom's in loom models).
 pub type AtomicU8 = crate::sync::AtomicU8;
 
 /// The guest memory one RAM block maps, implemented by the embedder (a raw region on bare metal, an
