@@ -13,6 +13,8 @@ extern crate std;
 #[macro_use]
 mod fmt;
 
+pub mod bitmap;
+pub mod block;
 #[allow(unsafe_code)]
 pub mod lifecycle;
 #[allow(unsafe_code)]
