@@ -73,6 +73,7 @@ tier1_lint() {
   cargo clippy --workspace --all-targets -- -D warnings
   cargo clippy -p multifd-core --all-targets --features log -- -D warnings
   cargo clippy -p firmware-demo -p multifd-core --profile fw --target thumbv7m-none-eabi -- -D warnings
+  RUSTFLAGS="--cfg loom" cargo clippy -p multifd-core --all-targets --target-dir target/loom -- -D warnings
 }
 
 tier2_test() {
