@@ -178,22 +178,32 @@ impl Qemu {
     }
 }
 
-/// The `multifd` binary next to this test executable (built on demand if missing).
+/// The `multifd` binary of this build (target dir and profile of this test executable), brought up
+/// to date once per test process: `cargo test -p multifd-tests` alone would not rebuild it.
 pub fn multifd_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/multifd
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("multifd")).expect("target dir");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "multifd-std", "--bin", "multifd"])
-            .current_dir(crate::workspace_root())
-            .status()
-            .expect("cargo build multifd");
-        assert!(status.success(), "building the multifd binary failed");
-    }
-    assert!(bin.exists(), "{} not found", bin.display());
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            // target/<profile>/deps/<test> -> target/<profile>/multifd
+            let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir").to_path_buf();
+            let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "multifd-std", "--bin", "multifd", "--target-dir"])
+                .arg(&target_dir)
+                .current_dir(crate::workspace_root());
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("cargo build multifd");
+            assert!(status.success(), "building the multifd binary failed");
+            let bin = profile_dir.join("multifd");
+            assert!(bin.exists(), "{} not found", bin.display());
+            bin
+        })
+        .clone()
 }
 
 /// A running `multifd recv`.
