@@ -10,7 +10,7 @@
 //!   from epoch k only when all N reached their k-th SYNC and the main stream reached its k-th
 //!   marker; every wait goes through [`Coordinator::wait_until`](crate::lifecycle::Coordinator::wait_until),
 //!   so a failure anywhere cancels it.
-//! - [`MainRecv`]: applies main-stream [`Event`]s (zero pages and pages on the main channel, sync
+//! - [`MainRecv`]: applies main-stream [`Event`](crate::wire::Event)s (zero pages and pages on the main channel, sync
 //!   markers, EOF) to the block table, and tells whether the sender marks epochs with
 //!   `MULTIFD_FLUSH` or, as QEMU 7.2 does, with every RAM `EOS`.
 //!

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Accept a live migration (main stream and N multifd channels) and write each RAM block to
-    /// DIR/<idstr>.bin. Exit code 0 only when the migration completed and every page arrived.
+    /// `DIR/<idstr>.bin`. Exit code 0 only when the migration completed and every page arrived.
     Recv {
         /// Address to listen on (port 0: any free port, written to --port-file and printed).
         #[arg(long)]
