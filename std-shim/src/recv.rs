@@ -777,6 +777,9 @@ fn finish(
             });
         }
     }
+    // The moment everything is in memory (before the files are written), for benchmarks.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    eprintln!("multifd recv: all pages received at unix time {:.6}", now.as_secs_f64());
     // Complete: write every block under a temporary name, then rename them all.
     let mut written = Vec::new();
     let result = (|| {
