@@ -11,7 +11,7 @@
 # Time of one run: from the source's `migrate` command to the destination having everything
 # (multifd recv: its "all pages received" timestamp, before it writes the block file; QEMU: its
 # query-migrate says completed; discard sink: the last connection's EOF).
-# Prints every run and a table of medians with the ratios recv/qemu and prealloc/discard.
+# One warm-up round (not counted) comes first. Prints every run and a table of medians with the ratios recv/qemu and prealloc/discard.
 #
 # Usage: scripts/bench-recv.sh [REPS] [CHANNELS...]     (defaults: 5 reps, channels 1 2 4)
 # Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir).
@@ -212,6 +212,10 @@ make_image()
 runs = {}
 VARIANTS = [("recv", lambda c: run_recv(c, False)), ("qemu", run_qemu_dest),
             ("prealloc", lambda c: run_recv(c, True)), ("discard", run_discard)]
+# One unmeasured round first: the first migrations after the image is written run cold (page
+# cache, transparent huge page pools) and would skew whichever variant came first.
+for name, fn in VARIANTS:
+    fn(CHANNELS[0])
 for rep in range(REPS):
     for ch in CHANNELS:
         for name, fn in VARIANTS:
