@@ -210,6 +210,7 @@ def run_discard(ch):
 
 make_image()
 runs = {}
+failures = []
 VARIANTS = [("recv", lambda c: run_recv(c, False)), ("qemu", run_qemu_dest),
             ("prealloc", lambda c: run_recv(c, True)), ("discard", run_discard)]
 # One unmeasured round first: the first migrations after the image is written run cold (page
@@ -219,7 +220,12 @@ for name, fn in VARIANTS:
 for rep in range(REPS):
     for ch in CHANNELS:
         for name, fn in VARIANTS:
-            t = fn(ch)
+            try:
+                t = fn(ch)
+            except Exception as e:  # reported and left out of the medians, never hidden
+                failures.append(f"rep {rep + 1} channels {ch} {name}: {str(e).strip().splitlines()[-1]}")
+                print(f"rep {rep + 1} channels {ch} {name:8s} FAILED: {e}", flush=True)
+                continue
             runs.setdefault((name, ch), []).append(t)
             print(f"rep {rep + 1} channels {ch} {name:8s} {t:.3f} s", flush=True)
 
@@ -227,7 +233,10 @@ print()
 print("| channels | recv (fresh) | QEMU dest (fresh) | recv/QEMU | recv --prealloc | discard sink | prealloc/discard |")
 print("|---|---|---|---|---|---|---|")
 for ch in CHANNELS:
-    m = {n: statistics.median(runs[(n, ch)]) for n, _ in VARIANTS}
+    m = {n: statistics.median(runs.get((n, ch)) or [float("nan")]) for n, _ in VARIANTS}
     print(f"| {ch} | {m['recv']:.3f} s | {m['qemu']:.3f} s | {m['recv'] / m['qemu']:.2f}x | "
           f"{m['prealloc']:.3f} s | {m['discard']:.3f} s | {m['prealloc'] / m['discard']:.2f}x |")
+print(f"\nfailed runs: {len(failures)}")
+for f in failures:
+    print("  " + f)
 PY
