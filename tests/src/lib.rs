@@ -76,3 +76,4 @@ fn worker_threads_listed() -> usize {
         .filter(|name| name.starts_with("multifd-"))
         .count()
 }
+pub mod qemu;
