@@ -20,6 +20,8 @@ pub mod lifecycle;
 #[allow(unsafe_code)]
 pub mod lock;
 #[allow(unsafe_code)]
+pub mod send;
+#[allow(unsafe_code)]
 pub(crate) mod sync;
 pub mod wire;
 
