@@ -8,6 +8,7 @@ pub use multifd_core;
 
 pub mod inspect;
 pub mod platform;
+pub mod send;
 
 /// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.
 pub fn init_logging(default_level: log::LevelFilter) {

@@ -249,7 +249,10 @@ impl<'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendEngine<'b, B, H, 
             blocks,
             geometry,
             layout,
-            slots: core::array::from_fn(|_| JobSlot { state: AtomicU8::new(IDLE), batch: UnsafeCell::new(Batch::EMPTY) }),
+            slots: core::array::from_fn(|_| JobSlot {
+                state: AtomicU8::new(IDLE),
+                batch: UnsafeCell::new(Batch::EMPTY),
+            }),
             credits: AtomicU32::new(0),
             next_packet: AtomicU32::new(0),
             producer_taken: AtomicBool::new(false),
@@ -262,6 +265,11 @@ impl<'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendEngine<'b, B, H, 
     /// The channel lifecycle (create, terminate, record_error, cleanup).
     pub fn lifecycle(&self) -> &Coordinator<H, E, MAX> {
         &self.lifecycle
+    }
+
+    /// The channel lifecycle, exclusively (to take its error after cleanup).
+    pub fn lifecycle_mut(&mut self) -> &mut Coordinator<H, E, MAX> {
+        &mut self.lifecycle
     }
 
     /// The page geometry.
@@ -297,13 +305,7 @@ impl<'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendEngine<'b, B, H, 
 
     /// The worker-side state of `channel`; one per channel worker.
     pub fn channel(&self, channel: ChannelId) -> SendChannel<'_, 'b, B, H, E, MAX> {
-        SendChannel {
-            engine: self,
-            id: channel,
-            header: [0; MAX_HEADER_LEN],
-            order: [0; MAX_PAGE_COUNT],
-            job: None,
-        }
+        SendChannel { engine: self, id: channel, header: [0; MAX_HEADER_LEN], order: [0; MAX_PAGE_COUNT], job: None }
     }
 
     fn slot(&self, channel: ChannelId) -> &JobSlot {

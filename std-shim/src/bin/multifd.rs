@@ -37,6 +37,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LayoutArg::V9_0)]
         layout: LayoutArg,
     },
+    /// Migrate RAM images to a QEMU-compatible destination (main stream plus N multifd channels).
+    Send {
+        /// Destination HOST:PORT (a QEMU `-incoming` address).
+        #[arg(long)]
+        connect: String,
+        /// Multifd channels (the destination's `multifd-channels`).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+        channels: u8,
+        /// RAM image FILE[:NAME]; NAME defaults to the file stem (`m0` for `-M none,memory-backend=m0`).
+        #[arg(long = "image", required = true)]
+        images: Vec<String>,
+        /// Machine type in the configuration section (must match the destination's).
+        #[arg(long, default_value = "none")]
+        machine: String,
+        /// UUID written in every init packet (all zero by default).
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -61,6 +82,10 @@ fn main() -> ExitCode {
         None => {
             log::info!("multifd {} (core {})", env!("CARGO_PKG_VERSION"), multifd_std::multifd_core::VERSION);
             ExitCode::SUCCESS
+        }
+        Some(Command::Send { connect, channels, images, machine, uuid, json }) => {
+            let code = multifd_std::send::run_cli(&connect, channels, &images, &machine, uuid.as_deref(), json);
+            ExitCode::from(code as u8)
         }
         Some(Command::Inspect { files, json, page_size, layout }) => {
             let layout = match layout {
