@@ -84,6 +84,25 @@ pub trait GuestMemory: Sync {
 
     /// Copies `offset..offset + out.len()` into `out`.
     fn read(&self, offset: usize, out: &mut [u8]);
+
+    /// The raw address of `offset..offset + len`, for filling guest memory outside Rust's references:
+    /// a `read(2)`/`recv(2)` straight from a socket into the page, or a raw `ptr::copy`. Returns `None`
+    /// (the default) when the memory has no such address; callers then copy through
+    /// [`GuestMemory::write`]. Several workers may hold pointers into the same page at once (a hostile
+    /// peer can send one page on two channels), which is why no `&mut [u8]` is ever handed out.
+    ///
+    /// # Safety
+    ///
+    /// Callers must pass a range inside `0..len()`, write through the pointer only with raw accesses
+    /// (a syscall, `ptr::copy_nonoverlapping`), never by making a Rust reference over it, and stop
+    /// using it before the memory is dropped. A page so written is published by setting its bitmap
+    /// bit afterwards ([`RamBlock::mark_received`]). Implementations that return `Some` promise the
+    /// pointer is valid for writes of `len` bytes for as long as `self` is borrowed.
+    #[allow(unsafe_code)]
+    unsafe fn raw_range(&self, offset: usize, len: usize) -> Option<core::ptr::NonNull<u8>> {
+        let _ = (offset, len);
+        None
+    }
 }
 
 /// Guest memory over borrowed atomic bytes: safe, allocation-free and `static`-friendly, at the cost
@@ -508,6 +527,20 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
         self.memory.fill_zero(offset, self.page_size.bytes());
         self.bitmap.set(page)?;
         Ok(ZeroPage::Written)
+    }
+
+    /// Byte offset of `page` in the block's memory (for [`GuestMemory::raw_range`]).
+    pub fn byte_offset(&self, page: PageIndex) -> Result<usize, BlockError> {
+        self.offset_of(page)
+    }
+
+    /// Marks `page` received after its bytes were written by other means than
+    /// [`RamBlock::write_page`] (a raw write through [`GuestMemory::raw_range`], or fragments through
+    /// [`GuestMemory::write`]). The Release set publishes those bytes.
+    pub fn mark_received(&self, page: PageIndex) -> Result<(), BlockError> {
+        self.offset_of(page)?;
+        self.bitmap.set(page)?;
+        Ok(())
     }
 
     /// Copies one page out of guest memory (for checks and for the send side).

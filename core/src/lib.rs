@@ -19,6 +19,7 @@ pub mod block;
 pub mod lifecycle;
 #[allow(unsafe_code)]
 pub mod lock;
+pub mod recv;
 #[allow(unsafe_code)]
 pub mod send;
 #[allow(unsafe_code)]

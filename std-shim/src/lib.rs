@@ -7,7 +7,9 @@
 pub use multifd_core;
 
 pub mod inspect;
+pub mod mem;
 pub mod platform;
+pub mod recv;
 pub mod send;
 
 /// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.

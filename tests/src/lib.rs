@@ -78,23 +78,5 @@ fn worker_threads_listed() -> usize {
         .filter(|name| name.starts_with("multifd-"))
         .count()
 }
+pub mod qemu;
 
-/// Path of the `multifd` binary (debug profile), built on first use with the same cargo that runs the
-/// tests (`cargo test` does not build other packages' binaries for integration tests).
-pub fn multifd_bin() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .current_dir(workspace_root())
-                .args(["build", "-q", "-p", "multifd-std", "--bin", "multifd"])
-                .status()
-                .expect("run cargo build for the multifd binary");
-            assert!(status.success(), "cargo build of the multifd binary failed: {status}");
-            let target =
-                std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
-            target.join("debug").join("multifd")
-        })
-        .clone()
-}

@@ -26,7 +26,7 @@ fn send_cli_into_qemu_with_1_2_and_4_channels() {
     if !multifd_tests::require_tool("qemu-system-x86_64", "send_cli_into_qemu_with_1_2_and_4_channels") {
         return;
     }
-    let bin = multifd_tests::multifd_bin();
+    let bin = multifd_tests::qemu::multifd_bin();
     let size = 16 << 20;
     let image = guest_image(11, size, 40);
     for channels in [1u8, 2, 4] {
@@ -187,7 +187,7 @@ fn sigint_mid_migration_exits_non_zero_with_workers_joined() {
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("m0.img");
     std::fs::write(&img, guest_image(3, 64 << 20, 10)).unwrap();
-    let child = Command::new(multifd_tests::multifd_bin())
+    let child = Command::new(multifd_tests::qemu::multifd_bin())
         .args(["send", "--connect", &format!("127.0.0.1:{port}"), "--channels", "3", "--image"])
         .arg(&img)
         .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use multifd_std::inspect::{self, Options};
 use multifd_std::multifd_core::wire::Layout;
+use multifd_std::recv;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -21,6 +22,34 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Accept a live migration (main stream and N multifd channels) and write each RAM block to
+    /// `DIR/<idstr>.bin`. Exit code 0 only when the migration completed and every page arrived.
+    Recv {
+        /// Address to listen on (port 0: any free port, written to --port-file and printed).
+        #[arg(long)]
+        listen: String,
+        /// Multifd channels of the source.
+        #[arg(long)]
+        channels: u8,
+        /// Directory for the block files.
+        #[arg(long)]
+        out: PathBuf,
+        /// Refuse channels whose init packet carries another uuid.
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Target page size of the migration.
+        #[arg(long, default_value_t = 4096)]
+        page_size: u32,
+        /// Print one JSON object with the result on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Write the bound port to this file.
+        #[arg(long)]
+        port_file: Option<PathBuf>,
+        /// Map and touch block NAME of SIZE bytes (K/M/G suffixes) before accepting connections.
+        #[arg(long, value_name = "NAME:SIZE")]
+        prealloc: Vec<String>,
+    },
     /// Decode captured migration streams (one file per connection: main stream or multifd
     /// channel, told apart by their first bytes) and print their packets and records.
     Inspect {
@@ -86,6 +115,9 @@ fn main() -> ExitCode {
         Some(Command::Send { connect, channels, images, machine, uuid, json }) => {
             let code = multifd_std::send::run_cli(&connect, channels, &images, &machine, uuid.as_deref(), json);
             ExitCode::from(code as u8)
+        }
+        Some(Command::Recv { listen, channels, out, uuid, page_size, json, port_file, prealloc }) => {
+            recv::cli_args(listen, channels, out, uuid, page_size, json, port_file, prealloc)
         }
         Some(Command::Inspect { files, json, page_size, layout }) => {
             let layout = match layout {

@@ -1,0 +1,548 @@
+//! The receive engine: multifd channels and the main stream of an incoming migration, sans I/O.
+//!
+//! - [`RecvChannel`]: one multifd channel after its init packet. It says what it wants next
+//!   ([`RecvChannel::want`]): the rest of a packet header, or exactly the bytes of the guest page the
+//!   next payload bytes belong to, so the embedder reads them straight into guest memory with no
+//!   intermediate copy; [`RecvChannel::advance`] is then told how many bytes arrived. It validates
+//!   every header against the block table, applies zero pages, sets bitmap bits, and at a SYNC
+//!   packet first takes the packet's pages and then asks to park ([`Want::Sync`]).
+//! - [`EpochBarrier`]: pairs every channel's SYNC with one main-stream marker. Channels are released
+//!   from epoch k only when all N reached their k-th SYNC and the main stream reached its k-th
+//!   marker; every wait goes through [`Coordinator::wait_until`](crate::lifecycle::Coordinator::wait_until),
+//!   so a failure anywhere cancels it.
+//! - [`MainRecv`]: applies main-stream [`Event`](crate::wire::Event)s (zero pages and pages on the main channel, sync
+//!   markers, EOF) to the block table, and tells whether the sender marks epochs with
+//!   `MULTIFD_FLUSH` or, as QEMU 7.2 does, with every RAM `EOS`.
+//!
+//! Nothing here allocates or does I/O. Peer input never panics and never writes outside a block:
+//! every offset is checked against the block's used length before it is turned into an address.
+//!
+//! ```
+//! use multifd_core::bitmap::{AtomicWord, PageIndex, words_for};
+//! use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, PageSize, ZeroPagePolicy};
+//! use multifd_core::lifecycle::ChannelId;
+//! use multifd_core::recv::{RecvChannel, Want};
+//! use multifd_core::wire::{Flags, Geometry, Layout, PacketConfig, RamHeader};
+//!
+//! let geo = Geometry::new(4096)?;
+//! let mem: Vec<AtomicU8> = (0..4 * 4096).map(|_| AtomicU8::new(0)).collect();
+//! let region = AtomicRegion::new(&mem);
+//! let words: [AtomicWord; 1] = [const { AtomicWord::new(0) }; words_for(4)];
+//! let mut table: BlockTable<'_, AtomicRegion<'_>, 2> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
+//! table.add(&BlockSpec { name: b"m0", used_len: 4 * 4096, page_size: PageSize::DEFAULT, memory_zeroed: true }, &region, &words)?;
+//!
+//! // One packet: page 2 as data, page 3 as a zero page, with the SYNC flag.
+//! let mut wire = vec![0u8; geo.header_len()];
+//! RamHeader { flags: Flags(Flags::SYNC), pages_alloc: 128, normal_pages: 1, next_packet_size: 4096,
+//!             packet_num: 0, zero_pages: 1, block: b"m0" }
+//!     .encode(&[2 * 4096, 3 * 4096], geo, Layout::V9_0, &mut wire)?;
+//! wire.extend_from_slice(&[7u8; 4096]);
+//!
+//! let mut ch = RecvChannel::new(ChannelId(0), PacketConfig::new(geo));
+//! let used = ch.receive_bytes(&wire, &table)?;
+//! assert_eq!(used, wire.len());
+//! assert!(matches!(ch.want(), Want::Sync), "pages first, then park");
+//! let block = table.find(b"m0").unwrap().1;
+//! assert!(block.bitmap().test(PageIndex::new(2))? && block.bitmap().test(PageIndex::new(3))?);
+//! ch.synced();
+//! ch.finish()?; // a clean end: at a packet boundary
+//! # Ok::<(), Box<dyn core::error::Error>>(())
+//! ```
+
+mod epoch;
+mod main;
+
+pub use epoch::{EpochBarrier, EpochError};
+pub use main::{MainAction, MainRecv, MainStats, SyncMode};
+
+use core::fmt;
+
+use crate::bitmap::PageIndex;
+use crate::block::{BlockError, BlockId, BlockTable, GuestMemory};
+use crate::lifecycle::ChannelId;
+use crate::wire::packet::{COMMON_HEADER_LEN, RAM_FIXED_LEN};
+use crate::wire::{BlockInfo, CommonHeader, DecodeError, Name, Packet, PacketConfig, StreamError};
+
+/// Longest packet header of any supported page size: 1 KiB pages give 512 offset slots.
+pub const MAX_HEADER_LEN: usize = RAM_FIXED_LEN + 8 * 512;
+
+/// Where a channel's stream ended when it was not at a packet boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Cut {
+    /// Inside a packet header.
+    Header {
+        /// Header bytes received.
+        have: u32,
+        /// Header bytes needed.
+        need: u32,
+    },
+    /// Inside the page data of a RAM packet.
+    Page {
+        /// Index of the page within the packet's normal pages.
+        index: u32,
+        /// Normal pages in the packet.
+        normal: u32,
+    },
+    /// Inside the payload of a device-state packet.
+    DeviceState {
+        /// Bytes still missing.
+        left: u64,
+    },
+    /// Parked at a SYNC packet that was never released.
+    Sync,
+}
+
+/// Why receiving failed. Every variant names the channel (or the main stream) and the values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum RecvError {
+    /// A packet header failed validation.
+    Packet {
+        /// The channel.
+        channel: ChannelId,
+        /// Index of the packet on this channel, from 0.
+        packet: u64,
+        /// What was wrong.
+        error: DecodeError,
+    },
+    /// A page could not be applied to its block.
+    Block {
+        /// The channel.
+        channel: ChannelId,
+        /// Index of the packet on this channel.
+        packet: u64,
+        /// The block's name.
+        block: Name,
+        /// What was wrong.
+        error: BlockError,
+    },
+    /// The channel's stream ended inside a packet.
+    Truncated {
+        /// The channel.
+        channel: ChannelId,
+        /// Index of the unfinished packet.
+        packet: u64,
+        /// Where it stopped.
+        cut: Cut,
+    },
+    /// `advance` was called with more bytes than `want` asked for.
+    Overrun {
+        /// The channel.
+        channel: ChannelId,
+        /// Bytes reported.
+        got: usize,
+        /// Bytes wanted.
+        wanted: usize,
+    },
+    /// The main stream could not be parsed.
+    MainStream {
+        /// Byte position of the failing item.
+        position: u64,
+        /// What was wrong.
+        error: StreamError,
+    },
+    /// A main-stream record names a block the receiver does not have.
+    MainUnknownBlock {
+        /// The name.
+        block: Name,
+    },
+    /// A main-stream page or zero page could not be applied.
+    MainBlock {
+        /// The block.
+        block: Name,
+        /// Byte offset of the page.
+        offset: u64,
+        /// What was wrong.
+        error: BlockError,
+    },
+    /// An epoch did not pair up.
+    Epoch(EpochError),
+}
+
+impl fmt::Display for Cut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Cut::Header { have, need } => write!(f, "inside a packet header ({have} of {need} bytes)"),
+            Cut::Page { index, normal } => write!(f, "inside page {index} of {normal} of a RAM packet"),
+            Cut::DeviceState { left } => write!(f, "inside a device-state payload ({left} bytes missing)"),
+            Cut::Sync => write!(f, "parked at a SYNC packet no main-stream marker released"),
+        }
+    }
+}
+
+impl fmt::Display for RecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Packet { channel, packet, error } => write!(f, "{channel}: packet {packet}: {error}"),
+            Self::Block { channel, packet, block, error } => {
+                write!(f, "{channel}: packet {packet}: block {block}: {error}")
+            }
+            Self::Truncated { channel, packet, cut } => {
+                write!(f, "{channel}: stream ended {cut} (packet {packet})")
+            }
+            Self::Overrun { channel, got, wanted } => {
+                write!(f, "{channel}: {got} bytes reported, only {wanted} were asked for")
+            }
+            Self::MainStream { position, error } => write!(f, "main stream at byte {position}: {error}"),
+            Self::MainUnknownBlock { block } => write!(f, "main stream: unknown RAM block {block}"),
+            Self::MainBlock { block, offset, error } => {
+                write!(f, "main stream: block {block}, page at {offset:#x}: {error}")
+            }
+            Self::Epoch(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl core::error::Error for RecvError {}
+
+impl From<EpochError> for RecvError {
+    fn from(e: EpochError) -> Self {
+        Self::Epoch(e)
+    }
+}
+
+/// Counters of one channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ChannelStats {
+    /// Packets received (headers decoded).
+    pub packets: u64,
+    /// Normal (data) pages received.
+    pub normal_pages: u64,
+    /// Zero pages received.
+    pub zero_pages: u64,
+    /// Bytes consumed (headers and payloads).
+    pub bytes: u64,
+    /// SYNC packets received.
+    pub syncs: u32,
+}
+
+/// What a [`RecvChannel`] needs next.
+#[derive(Debug)]
+pub enum Want<'c> {
+    /// Fill (a prefix of) this buffer with the next bytes of a packet header.
+    Header(&'c mut [u8]),
+    /// The next `len` bytes belong to `page` of `block`; write them at byte `offset` of the block's
+    /// memory (inside that page).
+    Page {
+        /// The block.
+        block: BlockId,
+        /// The page.
+        page: PageIndex,
+        /// Byte offset in the block's memory where the next byte goes.
+        offset: usize,
+        /// Bytes still missing from the page.
+        len: usize,
+    },
+    /// Read and drop `len` bytes (a device-state payload, which this engine does not interpret).
+    Discard(usize),
+    /// The channel reached a SYNC packet (its pages are applied): wait for the epoch's release
+    /// ([`EpochBarrier::channel_sync`]), then call [`RecvChannel::synced`].
+    Sync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Filling the header buffer up to `need` (12 until the common header is known).
+    Header { have: usize, need: usize },
+    /// Receiving normal page `index` of `normal`; `at` bytes of it are in.
+    Pages {
+        block: BlockId,
+        index: u32,
+        normal: u32,
+        page: PageIndex,
+        offset: usize,
+        at: usize,
+        page_size: usize,
+        sync: bool,
+    },
+    /// Dropping a device-state payload.
+    Discard { left: u64 },
+    /// Parked at a SYNC packet.
+    Sync,
+}
+
+/// One multifd channel of an incoming migration, after its init packet: a sans-I/O state machine
+/// that owns its header buffer (no allocation) and writes pages into the shared block table.
+pub struct RecvChannel {
+    id: ChannelId,
+    cfg: PacketConfig,
+    header: [u8; MAX_HEADER_LEN],
+    phase: Phase,
+    stats: ChannelStats,
+}
+
+impl fmt::Debug for RecvChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecvChannel")
+            .field("id", &self.id)
+            .field("phase", &self.phase)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecvChannel {
+    /// A channel that expects a packet header next.
+    pub const fn new(id: ChannelId, cfg: PacketConfig) -> Self {
+        Self {
+            id,
+            cfg,
+            header: [0; MAX_HEADER_LEN],
+            phase: Phase::Header { have: 0, need: COMMON_HEADER_LEN },
+            stats: ChannelStats { packets: 0, normal_pages: 0, zero_pages: 0, bytes: 0, syncs: 0 },
+        }
+    }
+
+    /// The channel's id.
+    pub const fn id(&self) -> ChannelId {
+        self.id
+    }
+
+    /// Counters so far.
+    pub const fn stats(&self) -> ChannelStats {
+        self.stats
+    }
+
+    /// What the channel needs next.
+    pub fn want(&mut self) -> Want<'_> {
+        match self.phase {
+            Phase::Header { have, need } => Want::Header(&mut self.header[have..need]),
+            Phase::Pages { block, page, offset, at, page_size, .. } => {
+                Want::Page { block, page, offset: offset + at, len: page_size - at }
+            }
+            // A device-state payload is at most 4 GiB; a `usize` below 64 bits takes it in parts.
+            Phase::Discard { left } => Want::Discard(usize::try_from(left).unwrap_or(usize::MAX)),
+            Phase::Sync => Want::Sync,
+        }
+    }
+
+    fn wanted(&self) -> usize {
+        match self.phase {
+            Phase::Header { have, need } => need - have,
+            Phase::Pages { at, page_size, .. } => page_size - at,
+            Phase::Discard { left } => usize::try_from(left).unwrap_or(usize::MAX),
+            Phase::Sync => 0,
+        }
+    }
+
+    /// Reports that `n` bytes of what [`RecvChannel::want`] asked for have arrived (into the header
+    /// buffer, into guest memory at the page's offset, or dropped). Decodes and applies a completed
+    /// header; sets the bit of a completed page.
+    pub fn advance<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        n: usize,
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<(), RecvError> {
+        let wanted = self.wanted();
+        if n > wanted {
+            return Err(RecvError::Overrun { channel: self.id, got: n, wanted });
+        }
+        self.stats.bytes += n as u64;
+        match self.phase {
+            Phase::Header { have, need } => {
+                let have = have + n;
+                self.phase = Phase::Header { have, need };
+                if have < need {
+                    return Ok(());
+                }
+                if need == COMMON_HEADER_LEN {
+                    let common = CommonHeader::decode(&self.header[..COMMON_HEADER_LEN]).map_err(|e| self.bad(e))?;
+                    let full = common.header_len(self.cfg.geometry);
+                    if full > COMMON_HEADER_LEN {
+                        self.phase = Phase::Header { have, need: full };
+                        return Ok(());
+                    }
+                }
+                self.on_header(need, table)
+            }
+            Phase::Pages { ref mut at, page_size, .. } => {
+                *at += n;
+                if *at < page_size {
+                    return Ok(());
+                }
+                self.page_done(table)
+            }
+            Phase::Discard { left } => {
+                let left = left - n as u64;
+                self.phase = Phase::Discard { left };
+                if left == 0 {
+                    self.next_header();
+                }
+                Ok(())
+            }
+            Phase::Sync => Ok(()),
+        }
+    }
+
+    fn bad(&self, error: DecodeError) -> RecvError {
+        RecvError::Packet { channel: self.id, packet: self.stats.packets, error }
+    }
+
+    fn next_header(&mut self) {
+        self.phase = Phase::Header { have: 0, need: COMMON_HEADER_LEN };
+    }
+
+    /// A whole header of `len` bytes is in the buffer.
+    fn on_header<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        len: usize,
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<(), RecvError> {
+        let packet = match Packet::decode(&self.header[..len], &self.cfg) {
+            Ok(p) => p,
+            Err(e) => return Err(self.bad(e)),
+        };
+        let ram = match packet {
+            Packet::DeviceState(h) => {
+                let left = u64::from(h.next_packet_size);
+                self.stats.packets += 1;
+                self.phase = Phase::Discard { left };
+                return Ok(());
+            }
+            Packet::Ram(ram) => ram,
+        };
+        let lookup = |name: &[u8]| {
+            table
+                .find(name)
+                .map(|(_, b)| BlockInfo { used_length: b.used_len() as u64, page_size: b.page_size().bytes() as u32 })
+        };
+        let hdr = *ram.header();
+        let checked = ram.check_pages(&lookup);
+        let (id, sync, normal, zero) = (self.id, hdr.flags.is_sync(), hdr.normal_pages, hdr.zero_pages);
+        let packet_no = self.stats.packets;
+        checked.map_err(|error| RecvError::Packet { channel: id, packet: packet_no, error })?;
+        self.stats.packets += 1;
+        if sync {
+            self.stats.syncs += 1;
+        }
+        let found = if ram.has_pages() { table.find(hdr.block) } else { None };
+        let Some((block_id, block)) = found else {
+            // No pages (check_pages looked nothing up): a SYNC parks, anything else is empty.
+            self.finish_packet(sync);
+            return Ok(());
+        };
+        let block_err = |error| RecvError::Block {
+            channel: id,
+            packet: packet_no,
+            block: Name::new(block.name().as_bytes()),
+            error,
+        };
+        for off in ram.zero_offsets() {
+            let page = block.page_at(off).map_err(block_err)?;
+            block.zero_page(page).map_err(block_err)?;
+        }
+        self.stats.zero_pages += u64::from(zero);
+        if normal == 0 {
+            self.finish_packet(sync);
+            return Ok(());
+        }
+        let first = ram.normal_offsets().next().unwrap_or(0);
+        let page = block.page_at(first).map_err(block_err)?;
+        let offset = block.byte_offset(page).map_err(block_err)?;
+        let page_size = block.page_size().bytes();
+        self.phase = Phase::Pages { block: block_id, index: 0, normal, page, offset, at: 0, page_size, sync };
+        Ok(())
+    }
+
+    fn finish_packet(&mut self, sync: bool) {
+        if sync {
+            self.phase = Phase::Sync;
+        } else {
+            self.next_header();
+        }
+    }
+
+    /// The current page is complete: publish it and move to the next one.
+    fn page_done<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<(), RecvError> {
+        let Phase::Pages { block, index, normal, page, sync, .. } = self.phase else {
+            return Ok(());
+        };
+        let (id, packet) = (self.id, self.stats.packets.saturating_sub(1));
+        // Local invariant: `block` came from this table in `on_header`; the table does not shrink.
+        let Some(b) = table.get(block) else { return Ok(()) };
+        let block_err = |error| RecvError::Block { channel: id, packet, block: Name::new(b.name().as_bytes()), error };
+        b.mark_received(page).map_err(block_err)?;
+        self.stats.normal_pages += 1;
+        let next = index + 1;
+        if next == normal {
+            self.finish_packet(sync);
+            return Ok(());
+        }
+        // The offsets were validated against this block in `on_header`; re-check costs nothing.
+        let at = RAM_FIXED_LEN + 8 * next as usize;
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&self.header[at..at + 8]);
+        let off = u64::from_be_bytes(raw);
+        let page = b.page_at(off).map_err(block_err)?;
+        let offset = b.byte_offset(page).map_err(block_err)?;
+        let page_size = b.page_size().bytes();
+        self.phase = Phase::Pages { block, index: next, normal, page, offset, at: 0, page_size, sync };
+        Ok(())
+    }
+
+    /// Leaves the SYNC park once the epoch was released.
+    pub fn synced(&mut self) {
+        if self.phase == Phase::Sync {
+            self.next_header();
+        }
+    }
+
+    /// Whether the channel is parked at a SYNC packet.
+    pub fn is_parked(&self) -> bool {
+        self.phase == Phase::Sync
+    }
+
+    /// End of the channel's stream: clean only at a packet boundary.
+    pub fn finish(&self) -> Result<(), RecvError> {
+        let cut = match self.phase {
+            Phase::Header { have: 0, .. } => return Ok(()),
+            Phase::Header { have, need } => Cut::Header { have: have as u32, need: need as u32 },
+            Phase::Pages { index, normal, .. } => Cut::Page { index, normal },
+            Phase::Discard { left } => Cut::DeviceState { left },
+            Phase::Sync => Cut::Sync,
+        };
+        Err(RecvError::Truncated { channel: self.id, packet: self.stats.packets.saturating_sub(1), cut })
+    }
+
+    /// Convenience for embedders without raw guest addresses (and for tests): consumes as much of
+    /// `input` as the channel wants, copying page bytes through [`GuestMemory::write`], and stops at
+    /// a SYNC park or when `input` is used up. Returns the bytes consumed.
+    pub fn receive_bytes<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        input: &[u8],
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<usize, RecvError> {
+        let mut used = 0;
+        while used < input.len() {
+            let rest = &input[used..];
+            let n = match self.want() {
+                Want::Header(buf) => {
+                    let n = buf.len().min(rest.len());
+                    buf[..n].copy_from_slice(&rest[..n]);
+                    n
+                }
+                Want::Page { block, offset, len, .. } => {
+                    let n = len.min(rest.len());
+                    if let Some(b) = table.get(block) {
+                        b.memory().write(offset, &rest[..n]);
+                    }
+                    n
+                }
+                Want::Discard(len) => len.min(rest.len()),
+                Want::Sync => break,
+            };
+            self.advance(n, table)?;
+            used += n;
+        }
+        Ok(used)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;
