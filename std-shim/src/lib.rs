@@ -6,6 +6,7 @@
 
 pub use multifd_core;
 
+pub mod demo;
 pub mod inspect;
 pub mod mem;
 pub mod platform;

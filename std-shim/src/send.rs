@@ -452,7 +452,9 @@ pub fn migrate<P: Precopy + ?Sized>(
     let mut engine = engine;
     match result {
         Ok(summary) if engine.lifecycle().error().is_none() => {
-            Ok(SendReport { summary, rounds: recording.rounds, elapsed, channels: opts.channels, joined })
+            let mut rounds = recording.rounds;
+            rounds.push(summary.last);
+            Ok(SendReport { summary, rounds, elapsed, channels: opts.channels, joined })
         }
         _ => Err(take_error(&mut engine)),
     }

@@ -79,4 +79,3 @@ fn worker_threads_listed() -> usize {
         .count()
 }
 pub mod qemu;
-

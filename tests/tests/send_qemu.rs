@@ -71,7 +71,7 @@ impl Precopy for Dirtying<'_> {
             let k = self.bitmaps.len();
             let mut b = vec![0u64; self.pages.div_ceil(64)];
             for i in 0..self.pages {
-                if k == 0 || (i * 7 + k) % (5 + k) == 0 {
+                if k == 0 || (i * 7 + k).is_multiple_of(5 + k) {
                     b[i / 64] |= 1 << (i % 64);
                 }
             }

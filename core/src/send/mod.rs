@@ -702,6 +702,8 @@ pub struct Summary {
     pub total: RoundStats,
     /// SYNC packets per channel (equal to the `MULTIFD_FLUSH` records on the main stream).
     pub syncs_per_channel: u32,
+    /// The final round's statistics (not passed to [`Precopy::round_done`]).
+    pub last: RoundStats,
 }
 
 /// The embedder's side of iterative precopy.
@@ -829,6 +831,7 @@ where
     let mut total = RoundStats::default();
     let mut round = 0u32;
     let mut completing = false;
+    let last: RoundStats;
     loop {
         let t0 = embedder.now_ns();
         let before = engine.counters();
@@ -877,6 +880,7 @@ where
         total.bytes += stats.bytes;
         total.nanos += stats.nanos;
         if completing {
+            last = stats;
             break;
         }
         embedder.between_rounds(round, &quiescent);
@@ -901,7 +905,7 @@ where
     head[1..].copy_from_slice(&(json.len() as u32).to_be_bytes());
     main.write(&head).map_err(PrecopyError::Main)?;
     main.write(json).map_err(PrecopyError::Main)?;
-    Ok(Summary { rounds: round + 1, total, syncs_per_channel: syncs })
+    Ok(Summary { rounds: round + 1, total, syncs_per_channel: syncs, last })
 }
 
 /// Set bits among the first `pages` bits of `bitmap`.

@@ -280,7 +280,7 @@ mod threads {
                 let mut p = engine.producer().unwrap();
                 (0..200).try_for_each(|i| p.queue_page(&Spin, 0, i * PS as u64))
             });
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(core::time::Duration::from_millis(20));
             engine.lifecycle().terminate(&Spin);
             assert_eq!(producer.join().unwrap(), Err(SendError::Cancelled));
         });
