@@ -308,13 +308,13 @@ mod loom_models {
     /// sync as a SYNC packet without pages.
     #[test]
     fn loom_send_handover() {
-        model(|| {
+        loom::model(|| {
             let mem: &'static Mem = std::boxed::Box::leak(std::boxed::Box::new(mem()));
             let geometry = Geometry::new(PS as u32).unwrap();
             let engine: Arc<SendEngine<'static, Mem, (), SendError, 1>> =
                 Arc::new(SendEngine::new(1, mem, geometry, Layout::V9_0).unwrap());
             let e2 = engine.clone();
-            let worker = thread::spawn(move || {
+            let worker = big(move || {
                 let mut ch = e2.channel(ChannelId(0));
                 ch.ready(&Spin);
                 let mut kinds = Vec::new();
@@ -325,12 +325,17 @@ mod loom_models {
                 }
                 kinds
             });
-            let mut p = engine.producer().unwrap();
-            p.queue_page(&Spin, 0, 0).unwrap();
-            p.flush(&Spin).unwrap();
-            p.queue_page(&Spin, 0, PS as u64).unwrap();
-            p.flush(&Spin).unwrap();
-            p.sync_all(&Spin).unwrap();
+            let e3 = engine.clone();
+            big(move || {
+                let mut p = e3.producer().unwrap();
+                p.queue_page(&Spin, 0, 0).unwrap();
+                p.flush(&Spin).unwrap();
+                p.queue_page(&Spin, 0, PS as u64).unwrap();
+                p.flush(&Spin).unwrap();
+                p.sync_all(&Spin).unwrap();
+            })
+            .join()
+            .unwrap();
             let kinds = worker.join().unwrap();
             assert_eq!(
                 kinds,
@@ -349,13 +354,13 @@ mod loom_models {
     /// a SYNC flag on data (B23), and the two packet numbers are distinct.
     #[test]
     fn loom_sync_vs_data() {
-        model(|| {
+        loom::model(|| {
             let mem: &'static Mem = std::boxed::Box::leak(std::boxed::Box::new(mem()));
             let geometry = Geometry::new(PS as u32).unwrap();
             let engine: Arc<SendEngine<'static, Mem, (), SendError, 1>> =
                 Arc::new(SendEngine::new(1, mem, geometry, Layout::V9_0).unwrap());
             let e = engine.clone();
-            let worker = thread::spawn(move || {
+            let worker = big(move || {
                 let mut ch = e.channel(ChannelId(0));
                 ch.ready(&Spin);
                 let mut kinds = Vec::new();
@@ -367,19 +372,22 @@ mod loom_models {
                 }
                 kinds
             });
-            let mut p = engine.producer().unwrap();
-            p.queue_page(&Spin, 0, PS as u64).unwrap();
-            p.sync_all(&Spin).unwrap();
+            let e3 = engine.clone();
+            big(move || {
+                let mut p = e3.producer().unwrap();
+                p.queue_page(&Spin, 0, PS as u64).unwrap();
+                p.sync_all(&Spin).unwrap();
+            })
+            .join()
+            .unwrap();
             let kinds = worker.join().unwrap();
             assert_eq!(kinds, std::vec![(JobKind::Data { normal: 1, zero: 0 }, 0, false), (JobKind::Sync, 1, true)]);
             assert_eq!(engine.credits(), 1);
         });
     }
 
-    /// loom's default coroutine stack is too small for the engine's fixed-size batches.
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut b = loom::model::Builder::new();
-        b.stack_size = 1 << 20;
-        b.check(f);
+    /// A loom thread with a stack large enough for the engine's fixed-size batches and headers.
+    fn big<T: 'static>(f: impl FnOnce() -> T + 'static) -> thread::JoinHandle<T> {
+        thread::Builder::new().stack_size(1 << 20).spawn(f).unwrap()
     }
 }
