@@ -387,7 +387,7 @@ mod loom_models {
     }
 
     /// A loom thread with a stack large enough for the engine's fixed-size batches and headers.
-    fn big<T: 'static>(f: impl FnOnce() -> T + 'static) -> thread::JoinHandle<T> {
+    fn big<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
         thread::Builder::new().stack_size(1 << 20).spawn(f).unwrap()
     }
 }
