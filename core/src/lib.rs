@@ -21,6 +21,8 @@ pub mod lifecycle;
 pub mod lock;
 pub mod recv;
 #[allow(unsafe_code)]
+pub mod send;
+#[allow(unsafe_code)]
 pub(crate) mod sync;
 pub mod wire;
 

@@ -6,10 +6,12 @@
 
 pub use multifd_core;
 
+pub mod demo;
 pub mod inspect;
 pub mod mem;
 pub mod platform;
 pub mod recv;
+pub mod send;
 
 /// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.
 pub fn init_logging(default_level: log::LevelFilter) {

@@ -1,5 +1,7 @@
 //! Helpers shared by the host integration tests.
 
+pub mod qemu_dest;
+
 use std::path::PathBuf;
 use std::process::Command;
 

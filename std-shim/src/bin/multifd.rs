@@ -66,6 +66,49 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LayoutArg::V9_0)]
         layout: LayoutArg,
     },
+    /// Generate a guest image, migrate it over loopback from our sender to our receiver in several
+    /// rounds (pages dirtied between them), verify byte for byte, and print a summary.
+    Demo {
+        /// Guest RAM size (K, M, G suffixes).
+        #[arg(long, default_value = "1G", value_parser = multifd_std::demo::parse_size)]
+        size: u64,
+        /// Multifd channels.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+        channels: u8,
+        /// Rounds, the final one included (at least 2).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Share of zero pages, in percent.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(0..=100))]
+        zero_percent: u32,
+        /// Seed of the image and of the dirtied pages.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate RAM images to a QEMU-compatible destination (main stream plus N multifd channels).
+    Send {
+        /// Destination HOST:PORT (a QEMU `-incoming` address).
+        #[arg(long)]
+        connect: String,
+        /// Multifd channels (the destination's `multifd-channels`).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+        channels: u8,
+        /// RAM image `FILE[:NAME]`; NAME defaults to the file stem (`m0` for `-M none,memory-backend=m0`).
+        #[arg(long = "image", required = true)]
+        images: Vec<String>,
+        /// Machine type in the configuration section (must match the destination's).
+        #[arg(long, default_value = "none")]
+        machine: String,
+        /// UUID written in every init packet (all zero by default).
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -90,6 +133,14 @@ fn main() -> ExitCode {
         None => {
             log::info!("multifd {} (core {})", env!("CARGO_PKG_VERSION"), multifd_std::multifd_core::VERSION);
             ExitCode::SUCCESS
+        }
+        Some(Command::Demo { size, channels, rounds, zero_percent, seed, json }) => {
+            let opts = multifd_std::demo::DemoOptions { size, channels, rounds, zero_percent, seed, json };
+            ExitCode::from(multifd_std::demo::run(&opts) as u8)
+        }
+        Some(Command::Send { connect, channels, images, machine, uuid, json }) => {
+            let code = multifd_std::send::run_cli(&connect, channels, &images, &machine, uuid.as_deref(), json);
+            ExitCode::from(code as u8)
         }
         Some(Command::Recv { listen, channels, out, uuid, page_size, json, port_file, prealloc }) => {
             recv::cli_args(listen, channels, out, uuid, page_size, json, port_file, prealloc)

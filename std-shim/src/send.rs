@@ -1,0 +1,602 @@
+//! `multifd send`: migrates RAM images to a QEMU-compatible destination over a main stream and N
+//! multifd channels, with the core's send engine on named scoped threads (`multifd-send-N`).
+//!
+//! The library entry point is [`migrate`]: it takes the blocks ([`ImageSet`]), an embedder that
+//! implements [`Precopy`] (which pages each round sends, when to stop), and a cancel flag. The
+//! command line uses [`StaticPrecopy`] (one round of every page) and [`run_cli`].
+
+use std::cell::UnsafeCell;
+use std::fmt;
+use std::io::{self, IoSlice, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use multifd_core::lifecycle::ChannelId;
+use multifd_core::send::{
+    MainSink, Notify, Precopy, PrecopyError, Quiescent, RoundStats, SendEngine, SendError, SourceBlocks, Step, Summary,
+    precopy,
+};
+use multifd_core::wire::{Geometry, Layout};
+
+use crate::platform::{Role, StdWaker, WakeHook, WorkerToken, run_scoped};
+
+/// Channels a std migration can have (the engine's capacity).
+pub const MAX_SEND_CHANNELS: usize = 16;
+
+/// Guest memory of one RAM block on the source: a heap buffer that channel workers read and that the
+/// embedder may change between rounds, while it holds the engine's [`Quiescent`] token.
+pub struct GuestImage {
+    cells: Box<[UnsafeCell<u8>]>,
+}
+
+// SAFETY: shared access is reads of pages by channel workers during a round, and writes through
+// `write`, which requires the `Quiescent` token: every channel is idle then, and idle workers hold no
+// page slice (the send channel's packet borrows end before `done`). So reads and writes never overlap.
+unsafe impl Sync for GuestImage {}
+
+impl fmt::Debug for GuestImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestImage").field("len", &self.cells.len()).finish()
+    }
+}
+
+impl GuestImage {
+    /// Takes ownership of `bytes` as guest memory.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        let raw = Box::into_raw(bytes.into_boxed_slice()) as *mut [UnsafeCell<u8>];
+        // SAFETY: `UnsafeCell<u8>` is `repr(transparent)` over `u8`, so the layout and the allocation
+        // are the same; the box is rebuilt from the pointer `into_raw` gave up.
+        let cells = unsafe { Box::from_raw(raw) };
+        Self { cells }
+    }
+
+    /// Bytes of guest memory.
+    pub fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    /// `len` bytes at `offset` (panics outside the image).
+    pub fn read(&self, offset: usize, len: usize) -> &[u8] {
+        let cells = &self.cells[offset..offset + len];
+        // SAFETY: in bounds (the indexing above checked it); `UnsafeCell<u8>` has `u8`'s layout; no write
+        // overlaps the borrow (see the `Sync` impl: writes happen only while the migration is quiescent).
+        unsafe { std::slice::from_raw_parts(UnsafeCell::raw_get(cells.as_ptr()), len) }
+    }
+
+    /// Writes `data` at `offset` while every channel is idle (the guest "runs" between rounds).
+    pub fn write(&self, _quiescent: &Quiescent<'_>, offset: usize, data: &[u8]) {
+        let cells = &self.cells[offset..offset + data.len()];
+        // SAFETY: in bounds; the `Quiescent` token proves no worker reads guest memory now (see `Sync`).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), UnsafeCell::raw_get(cells.as_ptr()), data.len()) }
+    }
+
+    /// The whole image, with exclusive access.
+    pub fn as_bytes(&mut self) -> &[u8] {
+        // SAFETY: `&mut self` excludes every other access; same layout as above.
+        unsafe { std::slice::from_raw_parts(UnsafeCell::raw_get(self.cells.as_ptr()), self.cells.len()) }
+    }
+}
+
+/// The RAM blocks of a migration: name and guest memory each.
+#[derive(Debug, Default)]
+pub struct ImageSet {
+    /// Blocks in order.
+    pub blocks: Vec<(String, GuestImage)>,
+}
+
+impl ImageSet {
+    /// Loads `FILE[:NAME]` specs; a block's name defaults to the file stem.
+    pub fn load(specs: &[String]) -> Result<Self, SendFailure> {
+        let mut blocks = Vec::new();
+        for spec in specs {
+            let (path, name) = match spec.rsplit_once(':') {
+                Some((p, n)) if !n.is_empty() && !n.contains('/') => (PathBuf::from(p), n.to_owned()),
+                _ => {
+                    let p = PathBuf::from(spec);
+                    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    (p, stem)
+                }
+            };
+            let bytes = std::fs::read(&path).map_err(|err| SendFailure::Image { path: path.clone(), err })?;
+            blocks.push((name, GuestImage::new(bytes)));
+        }
+        Ok(Self { blocks })
+    }
+}
+
+impl SourceBlocks for ImageSet {
+    fn count(&self) -> usize {
+        self.blocks.len()
+    }
+    fn name(&self, block: usize) -> &[u8] {
+        self.blocks[block].0.as_bytes()
+    }
+    fn used_len(&self, block: usize) -> u64 {
+        self.blocks[block].1.len() as u64
+    }
+    fn page(&self, block: usize, offset: u64, len: usize) -> &[u8] {
+        self.blocks[block].1.read(offset as usize, len)
+    }
+}
+
+/// Why a send migration failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SendFailure {
+    /// An image file could not be read.
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        err: io::Error,
+    },
+    /// The engine refused the configuration or a page.
+    Engine(SendError),
+    /// A connection could not be made.
+    Connect {
+        /// `main stream` or `channel N`.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        err: io::Error,
+    },
+    /// A channel's write failed.
+    Channel {
+        /// The channel.
+        channel: u8,
+        /// Its packet number being written (None for the init packet).
+        packet_num: Option<u64>,
+        /// The error.
+        err: io::Error,
+    },
+    /// The main stream's write failed.
+    Main(io::Error),
+    /// A worker thread could not be started.
+    Spawn(io::Error),
+    /// Cancelled (SIGINT or the cancel flag).
+    Interrupted,
+}
+
+impl fmt::Display for SendFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Image { path, err } => write!(f, "image {}: {err}", path.display()),
+            Self::Engine(e) => write!(f, "{e}"),
+            Self::Connect { what, addr, err } => write!(f, "{what}: connect to {addr}: {err}"),
+            Self::Channel { channel, packet_num: Some(n), err } => {
+                write!(f, "channel {channel}: writing packet {n}: {err}")
+            }
+            Self::Channel { channel, packet_num: None, err } => write!(f, "channel {channel}: init packet: {err}"),
+            Self::Main(err) => write!(f, "main stream: {err}"),
+            Self::Spawn(err) => write!(f, "starting a channel worker: {err}"),
+            Self::Interrupted => f.write_str("interrupted: migration cancelled"),
+        }
+    }
+}
+
+impl std::error::Error for SendFailure {}
+
+impl From<io::Error> for SendFailure {
+    fn from(err: io::Error) -> Self {
+        Self::Spawn(err)
+    }
+}
+
+/// Options of a send migration.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Destination address (main stream and every channel).
+    pub connect: SocketAddr,
+    /// Multifd channels.
+    pub channels: u8,
+    /// The uuid in every init packet.
+    pub uuid: [u8; 16],
+    /// Machine type in the configuration section.
+    pub machine: String,
+    /// Target page size.
+    pub page_size: u32,
+}
+
+/// What a finished migration reports.
+#[derive(Debug, Clone)]
+pub struct SendReport {
+    /// Engine summary (rounds, totals, SYNCs per channel).
+    pub summary: Summary,
+    /// Every round's statistics.
+    pub rounds: Vec<RoundStats>,
+    /// Wall time from the first connect to the last byte written.
+    pub elapsed: Duration,
+    /// Channels used.
+    pub channels: u8,
+    /// Workers joined at cleanup.
+    pub joined: u8,
+}
+
+/// One round of every page, then completion: a static image.
+#[derive(Debug)]
+pub struct StaticPrecopy {
+    all: Vec<Vec<u64>>,
+    none: Vec<u64>,
+}
+
+impl StaticPrecopy {
+    /// For `blocks` with `page_size` pages.
+    pub fn new(blocks: &ImageSet, page_size: u32) -> Self {
+        let all: Vec<Vec<u64>> =
+            blocks.blocks.iter().map(|(_, m)| vec![u64::MAX; (m.len() / page_size as usize).div_ceil(64)]).collect();
+        let none = vec![0; all.iter().map(Vec::len).max().unwrap_or(0)];
+        Self { all, none }
+    }
+}
+
+impl Precopy for StaticPrecopy {
+    fn dirty(&mut self, round: u32, block: usize) -> &[u64] {
+        if round == 0 { &self.all[block] } else { &self.none }
+    }
+    fn round_done(&mut self, _stats: &RoundStats) -> Step {
+        Step::Complete
+    }
+}
+
+/// Records every round's statistics and passes everything else to the embedder.
+struct Recording<'p, P: ?Sized> {
+    inner: &'p mut P,
+    rounds: Vec<RoundStats>,
+    t0: Instant,
+}
+
+impl<P: Precopy + ?Sized> Precopy for Recording<'_, P> {
+    fn dirty(&mut self, round: u32, block: usize) -> &[u64] {
+        self.inner.dirty(round, block)
+    }
+    fn between_rounds(&mut self, round: u32, quiescent: &Quiescent<'_>) {
+        self.inner.between_rounds(round, quiescent);
+    }
+    fn round_done(&mut self, stats: &RoundStats) -> Step {
+        self.rounds.push(*stats);
+        self.inner.round_done(stats)
+    }
+    fn device_state(&mut self) -> &[u8] {
+        self.inner.device_state()
+    }
+    fn vm_description(&mut self) -> &[u8] {
+        self.inner.vm_description()
+    }
+    fn now_ns(&mut self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+}
+
+/// Wakes workers for jobs and the producer for finished jobs (not shutdowns).
+struct SendNotify {
+    workers: Mutex<Vec<Option<Thread>>>,
+    producer: Thread,
+}
+
+impl Notify for SendNotify {
+    fn job(&self, channel: ChannelId) {
+        if let Some(t) = &lock(&self.workers)[channel.index()] {
+            t.unpark();
+        }
+    }
+    fn producer_idle(&self) {
+        thread::park_timeout(Duration::from_millis(1));
+    }
+    fn channel_done(&self, _channel: ChannelId) {
+        self.producer.unpark();
+    }
+}
+
+/// The main stream as a [`MainSink`].
+struct MainStream<'a>(&'a TcpStream);
+
+impl MainSink for MainStream<'_> {
+    type Error = io::Error;
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut s = self.0;
+        s.write_all(bytes)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn connect(addr: SocketAddr, what: String) -> Result<TcpStream, SendFailure> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|err| SendFailure::Connect {
+        what: what.clone(),
+        addr,
+        err,
+    })?;
+    s.set_nodelay(true).map_err(|err| SendFailure::Connect { what, addr, err })?;
+    Ok(s)
+}
+
+/// Writes all of `bufs` with vectored writes.
+fn write_all_vectored(mut s: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match s.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+type Engine<'b> = SendEngine<'b, ImageSet, WorkerToken, SendFailure, MAX_SEND_CHANNELS>;
+
+/// Migrates `blocks` to `opts.connect`: connects the main stream and `opts.channels` channels, runs
+/// `embedder`'s rounds with the core's precopy driver, and joins every worker before returning.
+/// Setting `cancel` (from any thread, e.g. a SIGINT handler) ends the migration with
+/// [`SendFailure::Interrupted`]: transports are shut down, so the destination sees an aborted stream.
+pub fn migrate<P: Precopy + ?Sized>(
+    opts: &SendOptions,
+    blocks: &ImageSet,
+    embedder: &mut P,
+    cancel: &AtomicBool,
+) -> Result<SendReport, SendFailure> {
+    let geometry = Geometry::new(opts.page_size).map_err(|_| {
+        SendFailure::Engine(SendError::BlockLength { block: 0, used_len: 0, page_size: opts.page_size })
+    })?;
+    let engine: Box<Engine<'_>> =
+        Box::new(SendEngine::new(opts.channels, blocks, geometry, Layout::V9_0).map_err(SendFailure::Engine)?);
+    let t0 = Instant::now();
+    let main = connect(opts.connect, "main stream".into())?;
+    let main_clone = main.try_clone().map_err(SendFailure::Main)?;
+    let streams: Mutex<Vec<Option<TcpStream>>> = Mutex::new((0..opts.channels).map(|_| None).collect());
+    let shutdowns: Mutex<Vec<TcpStream>> = Mutex::new(vec![main_clone]);
+    let notify = SendNotify { workers: Mutex::new(vec![None; MAX_SEND_CHANNELS]), producer: thread::current() };
+    let engine_ref: &Engine<'_> = &engine;
+
+    let worker = |id: ChannelId, waker: &StdWaker<'_>| {
+        lock(&notify.workers)[id.index()] = Some(thread::current());
+        let Some(stream) = lock(&streams)[id.index()].take() else { return };
+        let mut ch = engine_ref.channel(id);
+        ch.ready(&notify);
+        loop {
+            let out = match ch.next(waker) {
+                Ok(out) => out,
+                Err(SendError::Cancelled) => return,
+                Err(e) => {
+                    engine_ref.lifecycle().record_error(waker, SendFailure::Engine(e));
+                    return;
+                }
+            };
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + out.pages().len());
+            slices.push(IoSlice::new(out.header()));
+            slices.extend(out.pages().map(IoSlice::new));
+            let packet_num = out.packet_num;
+            if let Err(err) = write_all_vectored(&stream, &mut slices) {
+                engine_ref
+                    .lifecycle()
+                    .record_error(waker, SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err });
+                return;
+            }
+            drop(slices);
+            ch.done(&notify);
+        }
+    };
+    // Terminate shuts every transport down (main stream included), so blocked writes end (QEMU B15).
+    let hook: WakeHook<'_> = Box::new(|_channel| {
+        for s in lock(&shutdowns).iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    });
+
+    let mut recording = Recording { inner: embedder, rounds: Vec::new(), t0 };
+    let (result, joined) = run_scoped(Role::Send, worker, Some(hook), |platform| {
+        let done = AtomicBool::new(false);
+        thread::scope(|s| {
+            // Watches the cancel flag: the migration is failed with `Interrupted`, which terminates it.
+            s.spawn(|| {
+                // Relaxed: plain flags; the coordinator's own atomics order what follows.
+                while !done.load(Ordering::Relaxed) {
+                    if cancel.load(Ordering::Relaxed) {
+                        engine_ref.lifecycle().record_error(platform, SendFailure::Interrupted);
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+            });
+            let created = engine_ref.lifecycle().create_all(platform, |id| {
+                let stream = connect(opts.connect, format!("channel {}", id.0))?;
+                let init = engine_ref.channel(id).init_packet(opts.uuid);
+                let mut w = &stream;
+                w.write_all(&init).map_err(|err| SendFailure::Channel { channel: id.0, packet_num: None, err })?;
+                lock(&shutdowns).push(stream.try_clone().map_err(SendFailure::Spawn)?);
+                lock(&streams)[id.index()] = Some(stream);
+                Ok(())
+            });
+            let result = match created {
+                Ok(r) if r.started == opts.channels => {
+                    let mut producer = engine_ref.producer().map_err(SendFailure::Engine);
+                    match &mut producer {
+                        Ok(p) => precopy(p, &notify, &mut MainStream(&main), &mut recording, opts.machine.as_bytes())
+                            .map_err(|e| match e {
+                                PrecopyError::Main(err) => {
+                                    engine_ref.lifecycle().record_error(platform, SendFailure::Main(err));
+                                    None
+                                }
+                                PrecopyError::Send(SendError::Cancelled) => None,
+                                PrecopyError::Send(other) => {
+                                    engine_ref.lifecycle().record_error(platform, SendFailure::Engine(other));
+                                    None
+                                }
+                            }),
+                        Err(_) => Err(None),
+                    }
+                }
+                _ => Err(None::<()>),
+            };
+            // Relaxed: see the watcher.
+            done.store(true, Ordering::Relaxed);
+            let joined = engine_ref.lifecycle().cleanup(platform).map(|t| t.report().joined).unwrap_or(0);
+            (result, joined)
+        })
+    });
+    let elapsed = t0.elapsed();
+    log::info!("multifd send: {joined} of {} channel workers joined", opts.channels);
+    drop(main);
+    let mut engine = engine;
+    match result {
+        Ok(summary) if engine.lifecycle().error().is_none() => {
+            let mut rounds = recording.rounds;
+            rounds.push(summary.last);
+            Ok(SendReport { summary, rounds, elapsed, channels: opts.channels, joined })
+        }
+        _ => Err(take_error(&mut engine)),
+    }
+}
+
+fn take_error(engine: &mut Engine<'_>) -> SendFailure {
+    engine.lifecycle_mut().take_error().unwrap_or(SendFailure::Interrupted)
+}
+
+/// Parses a UUID (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, dashes optional).
+pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
+    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 {
+        return Err(format!("uuid {s:?}: {} hex digits, 32 expected", hex.len()));
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let txt = std::str::from_utf8(pair).map_err(|_| format!("uuid {s:?}: not hex"))?;
+        out[i] = u8::from_str_radix(txt, 16).map_err(|_| format!("uuid {s:?}: {txt:?} is not hex"))?;
+    }
+    Ok(out)
+}
+
+static SIGINT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_sig: libc::c_int) {
+    // Relaxed: a flag polled by the watcher thread; async-signal-safe (a plain atomic store).
+    SIGINT.store(true, Ordering::Relaxed);
+}
+
+/// Installs a SIGINT handler that sets the flag [`migrate`] watches; returns the flag.
+pub fn cancel_on_sigint() -> &'static AtomicBool {
+    // SAFETY: `on_sigint` only stores to an atomic, which is async-signal-safe; `signal` is given a
+    // valid `extern "C" fn(c_int)` cast to `sighandler_t` as libc documents.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
+    &SIGINT
+}
+
+/// Formats a report as a table (or JSON).
+pub fn format_report(r: &SendReport, page_size: u32, json: bool) -> String {
+    let t = r.summary.total;
+    let secs = r.elapsed.as_secs_f64();
+    let guest_bytes = t.pages * u64::from(page_size);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    if json {
+        let rounds: Vec<String> = r
+            .rounds
+            .iter()
+            .map(|s| {
+                format!(
+                    r#"{{"round":{},"pages":{},"normal_pages":{},"zero_pages":{},"bytes":{},"seconds":{:.6},"dirty_left":{}}}"#,
+                    s.round,
+                    s.pages,
+                    s.normal_pages,
+                    s.zero_pages,
+                    s.bytes,
+                    s.nanos as f64 / 1e9,
+                    s.dirty_left
+                )
+            })
+            .collect();
+        return format!(
+            r#"{{"status":"completed","channels":{},"rounds":{},"pages":{},"normal_pages":{},"zero_pages":{},"wire_bytes":{},"seconds":{:.6},"guest_mib_per_s":{:.1},"syncs_per_channel":{},"workers_joined":{},"per_round":[{}]}}"#,
+            r.channels,
+            r.summary.rounds,
+            t.pages,
+            t.normal_pages,
+            t.zero_pages,
+            t.bytes,
+            secs,
+            mib(guest_bytes) / secs.max(1e-9),
+            r.summary.syncs_per_channel,
+            r.joined,
+            rounds.join(",")
+        ) + "\n";
+    }
+    let mut out = String::new();
+    out += &format!("{:<22} {}\n", "status", "completed");
+    out += &format!("{:<22} {}\n", "channels", r.channels);
+    out += &format!("{:<22} {}\n", "rounds", r.summary.rounds);
+    out += &format!("{:<22} {} ({} normal, {} zero)\n", "pages sent", t.pages, t.normal_pages, t.zero_pages);
+    out += &format!("{:<22} {:.1} MiB\n", "bytes on channels", mib(t.bytes));
+    out += &format!("{:<22} {:.3} s\n", "time", secs);
+    out += &format!("{:<22} {:.1} MiB/s guest RAM\n", "throughput", mib(guest_bytes) / secs.max(1e-9));
+    out += &format!("{:<22} {} per channel\n", "SYNC packets", r.summary.syncs_per_channel);
+    out += "round      pages     normal       zero    MiB    seconds  dirty left\n";
+    for s in &r.rounds {
+        out += &format!(
+            "{:>5} {:>10} {:>10} {:>10} {:>6.1} {:>10.3} {:>11}\n",
+            s.round,
+            s.pages,
+            s.normal_pages,
+            s.zero_pages,
+            mib(s.bytes),
+            s.nanos as f64 / 1e9,
+            s.dirty_left
+        );
+    }
+    out
+}
+
+/// `multifd send`: loads the images, migrates them, prints the report; returns the exit status.
+pub fn run_cli(connect: &str, channels: u8, images: &[String], machine: &str, uuid: Option<&str>, json: bool) -> i32 {
+    let addr = match connect.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            eprintln!("multifd send: --connect {connect:?} is not an address (HOST:PORT)");
+            return 2;
+        }
+    };
+    let uuid = match uuid.map(parse_uuid).transpose() {
+        Ok(u) => u.unwrap_or([0; 16]),
+        Err(e) => {
+            eprintln!("multifd send: {e}");
+            return 2;
+        }
+    };
+    let blocks = match ImageSet::load(images) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("multifd send: {e}");
+            return 1;
+        }
+    };
+    let cancel = cancel_on_sigint();
+    let opts = SendOptions { connect: addr, channels, uuid, machine: machine.to_owned(), page_size: 4096 };
+    let mut embedder = StaticPrecopy::new(&blocks, opts.page_size);
+    match migrate(&opts, &blocks, &mut embedder, cancel) {
+        Ok(report) => {
+            print!("{}", format_report(&report, opts.page_size, json));
+            0
+        }
+        Err(e) => {
+            eprintln!("multifd send: {e}");
+            if matches!(e, SendFailure::Interrupted) { 130 } else { 1 }
+        }
+    }
+}
+
+/// Path helper for callers: the default block name of an image (its file stem).
+pub fn default_block_name(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
