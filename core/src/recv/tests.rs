@@ -216,3 +216,30 @@ fn marker_after_a_channel_ended_fails_instead_of_hanging() {
         coord.terminate(&Spin);
     });
 }
+
+#[test]
+fn pending_pages_list_the_rest_of_the_packet_for_one_vectored_read() {
+    let f = Fixture::new();
+    let region = AtomicRegion::new(&f.mem);
+    let t = table(&region, &f.words);
+    let wire = packet(0, &[(6 * PS) as u64, 0, (3 * PS) as u64], &[], 0x10);
+    let hdr = geo().header_len();
+    let mut ch = RecvChannel::new(ChannelId(0), PacketConfig::new(geo()));
+    // The header and 100 bytes of the first page, then the rest in one "vectored read".
+    assert_eq!(ch.receive_bytes(&wire[..hdr + 100], &t).unwrap(), hdr + 100);
+    let mut ranges = [PageRange::EMPTY; 8];
+    let n = ch.pending_pages(&t, &mut ranges);
+    let got: Vec<(usize, usize)> = ranges[..n].iter().map(|r| (r.offset, r.len)).collect();
+    assert_eq!(got, [(6 * PS + 100, PS - 100), (0, PS), (3 * PS, PS)]);
+    let block = t.find(b"m0").unwrap().1;
+    let mut rest = &wire[hdr + 100..];
+    for r in &ranges[..n] {
+        block.memory().write(r.offset, &rest[..r.len]);
+        rest = &rest[r.len..];
+    }
+    ch.advance_many(wire.len() - hdr - 100, &t).unwrap();
+    assert_eq!(ch.pending_pages(&t, &mut ranges), 0);
+    assert_eq!((page_bytes(&t, 6)[0], page_bytes(&t, 0)[0], page_bytes(&t, 3)[0]), (0x10, 0x11, 0x12));
+    assert_eq!(block.bitmap().count(), 3);
+    assert_eq!(ch.finish(), Ok(()), "at a packet boundary");
+}
