@@ -62,13 +62,14 @@ fi
 
 # 4. defmt-print, to decode the firmware's log. Installed with the pinned stable toolchain.
 export PATH="$HOME/.cargo/bin:$PATH"
-if ! command -v defmt-print >/dev/null || ! defmt-print --version 2>/dev/null | grep -q '^defmt-print 1\.'; then
+# (grep without -q: under pipefail an early exit could kill the writer and read as "missing".)
+if ! command -v defmt-print >/dev/null || ! defmt-print --version 2>/dev/null | grep '^defmt-print 1\.' >/dev/null; then
   log "installing defmt-print (cargo install, about 2 minutes)"
   quiet cargo install --locked defmt-print@1.2.0 || die "cargo install defmt-print failed"
 fi
 # 5. cargo-fuzz, for the fuzz tier (run with the pinned nightly; the tool itself builds on stable).
-if ! command -v cargo-fuzz >/dev/null; then
+if ! command -v cargo-fuzz >/dev/null || ! cargo-fuzz --version 2>/dev/null | grep '^cargo-fuzz 0\.13\.' >/dev/null; then
   log "installing cargo-fuzz (cargo install, about 2 minutes)"
-  quiet cargo install --locked cargo-fuzz || die "cargo install cargo-fuzz failed"
+  quiet cargo install --locked cargo-fuzz@0.13.2 || die "cargo install cargo-fuzz failed"
 fi
 log "ok"

@@ -73,6 +73,7 @@ tier1_lint() {
   cargo clippy --workspace --all-targets -- -D warnings
   cargo clippy -p multifd-core --all-targets --features log -- -D warnings
   cargo clippy -p firmware-demo -p multifd-core --profile fw --target thumbv7m-none-eabi -- -D warnings
+  RUSTFLAGS="--cfg loom" cargo clippy -p multifd-core --all-targets --target-dir target/loom -- -D warnings
 }
 
 tier2_test() {
@@ -143,13 +144,20 @@ tier8_tsan() {
   local bin
   bin=$(cargo "+$NIGHTLY" test "${flags[@]}" -p multifd-tests --test lifecycle_std --no-run --message-format=json 2>/dev/null |
     grep -o '"executable":"[^"]*"' | head -n1 | cut -d'"' -f4)
-  nm "$bin" | grep -q __tsan_init || { echo "$bin is not instrumented by ThreadSanitizer"; return 1; }
-  if cargo "+$NIGHTLY" test "${flags[@]}" -p multifd-tests --test tsan_canary -- --ignored >"$LOGDIR/tsan-canary.txt" 2>&1; then
-    echo "the TSan canary passed: ThreadSanitizer is not active"
-    return 1
-  fi
-  grep -q 'ThreadSanitizer: data race' "$LOGDIR/tsan-canary.txt" || { echo "canary failed without a TSan report"; return 1; }
-  echo "tsan: canary race reported, as it must be"
+  # grep reads all of nm's output (no -q): under pipefail an early exit would kill nm with SIGPIPE.
+  nm "$bin" | grep __tsan_init >/dev/null || { echo "$bin is not instrumented by ThreadSanitizer"; return 1; }
+  # On this kernel TSan now and then reports nothing for a whole process (seen in about 1 run in 20),
+  # so the canary gets three tries; a sanitizer that is really off fails all three.
+  local try reported=0
+  for try in 1 2 3; do
+    if ! cargo "+$NIGHTLY" test "${flags[@]}" -p multifd-tests --test tsan_canary -- --ignored \
+      >"$LOGDIR/tsan-canary.txt" 2>&1 && grep -q 'ThreadSanitizer: data race' "$LOGDIR/tsan-canary.txt"; then
+      reported=1
+      break
+    fi
+  done
+  [ "$reported" = 1 ] || { echo "the TSan canary's race was not reported in 3 tries: ThreadSanitizer is not active"; return 1; }
+  echo "tsan: canary race reported (try $try), as it must be"
 }
 
 echo "== setup"

@@ -626,7 +626,8 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> BlockTable<'a, M, N> {
 mod tests {
     use super::*;
     use crate::bitmap::words_for;
-    use crate::lifecycle::{ChannelId, ChannelState, CleanupError, Coordinator, Platform, Wake, WorkerExit};
+    use crate::lifecycle::testing::Inline;
+    use crate::lifecycle::{ChannelId, ChannelState, CleanupError, Coordinator};
     use crate::sync::AtomicUsize;
     use core::convert::Infallible;
     use proptest::prelude::*;
@@ -884,25 +885,6 @@ mod tests {
                 prop_assert_eq!(b.bitmap().test(p(i)).unwrap(), l.is_some());
                 prop_assert_eq!(mem.page(i), std::vec![l.unwrap_or(initial); PS], "page {}", i);
             }
-        }
-    }
-
-    /// A platform that runs nothing: a started worker is a unit handle and joining it returns at once
-    /// (enough to drive the coordinator's states; the tests below play the workers themselves).
-    struct Inline;
-
-    impl Wake for Inline {
-        fn wake(&self, _: ChannelId) {}
-    }
-
-    impl Platform for Inline {
-        type Handle = ();
-        type Error = Infallible;
-        fn start(&self, _: ChannelId) -> Result<(), Infallible> {
-            Ok(())
-        }
-        fn join(&self, _: ChannelId, _: ()) -> WorkerExit {
-            WorkerExit::Returned
         }
     }
 

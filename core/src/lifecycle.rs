@@ -994,3 +994,29 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
 
 #[cfg(test)]
 mod tests;
+
+/// Test helpers shared by the core's modules.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{ChannelId, Platform, Wake, WorkerExit};
+    use core::convert::Infallible;
+
+    /// A platform that runs nothing: a started worker is a unit handle, and joining it returns at
+    /// once. Enough to drive a coordinator's states when the test plays the workers itself.
+    pub(crate) struct Inline;
+
+    impl Wake for Inline {
+        fn wake(&self, _: ChannelId) {}
+    }
+
+    impl Platform for Inline {
+        type Handle = ();
+        type Error = Infallible;
+        fn start(&self, _: ChannelId) -> Result<(), Infallible> {
+            Ok(())
+        }
+        fn join(&self, _: ChannelId, _: ()) -> WorkerExit {
+            WorkerExit::Returned
+        }
+    }
+}

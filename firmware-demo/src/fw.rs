@@ -4,6 +4,10 @@
 use cortex_m as _; // links cortex-m's single-core critical-section implementation, which defmt needs
 use cortex_m_rt::entry;
 use defmt_semihosting as _; // the global defmt logger: frames go out over semihosting stdout
+use multifd_core::bitmap::{AtomicWord, PageIndex, words_for};
+use multifd_core::block::{
+    AtomicRegion, AtomicU8, BlockSpec, GuestMemory, PageSize, ReleaseError, TableSlot, ZeroPage, ZeroPagePolicy,
+};
 use multifd_core::lifecycle::{
     ChannelId, ChannelState, CleanupReport, Coordinator, CreateReport, Platform, Wake, WorkerExit,
 };
@@ -129,6 +133,109 @@ fn scenario_lifecycle_start_fails(c: &mut Checks) {
     c.check("lifecycle: channel 1 is Failed", LIFECYCLE_FAIL.state(ChannelId(1)) == Ok(ChannelState::Failed));
 }
 
+/// Destination guest RAM for the block scenario: two blocks of 4 KiB pages, in statics.
+const PAGE: usize = 4096;
+const PAGES_A: usize = 4;
+const PAGES_B: usize = 2;
+static RAM_A: [AtomicU8; PAGES_A * PAGE] = [const { AtomicU8::new(0) }; PAGES_A * PAGE];
+static RAM_B: [AtomicU8; PAGES_B * PAGE] = [const { AtomicU8::new(0) }; PAGES_B * PAGE];
+static REGION_A: AtomicRegion<'static> = AtomicRegion::new(&RAM_A);
+static REGION_B: AtomicRegion<'static> = AtomicRegion::new(&RAM_B);
+static WORDS_A: [AtomicWord; words_for(PAGES_A)] = [const { AtomicWord::new(0) }; words_for(PAGES_A)];
+static WORDS_B: [AtomicWord; words_for(PAGES_B)] = [const { AtomicWord::new(0) }; words_for(PAGES_B)];
+static TABLE: TableSlot<'static, AtomicRegion<'static>, 2> = TableSlot::new();
+static BLOCKS_COORD: FwCoordinator = match Coordinator::new(1) {
+    Ok(c) => c,
+    Err(_) => panic!("1 channel fits a capacity of 4"),
+};
+
+/// What the worker's first zero page on zeroed memory did (it must not touch memory).
+static FIRST_ZERO: SpinLock<Option<ZeroPage>> = SpinLock::new(None);
+
+/// A platform whose one worker, run when joined, receives pages into the table through a lease.
+struct PageWorker;
+
+impl Wake for PageWorker {
+    fn wake(&self, _channel: ChannelId) {}
+}
+
+impl Platform for PageWorker {
+    type Handle = ChannelId;
+    type Error = FwError;
+
+    fn start(&self, channel: ChannelId) -> Result<ChannelId, FwError> {
+        Ok(channel)
+    }
+
+    fn join(&self, _channel: ChannelId, _handle: ChannelId) -> WorkerExit {
+        let Ok(lease) = TABLE.lease() else { return WorkerExit::Panicked };
+        lease.with(|table| {
+            let (Some((_, a)), Some((_, b))) = (table.find(b"pc.ram"), table.find(b"vga.vram")) else { return };
+            // Block A: data on pages 0 and 2, a zero page on 1 (first time: untouched), page 3
+            // data then zero (must end zero). Block B: both pages data. One page buffer on the
+            // stack, filled per page, keeps 4 KiB constants out of flash.
+            let mut buf = [0u8; PAGE];
+            let mut data = |byte: u8| {
+                buf.fill(byte);
+                buf
+            };
+            let _ = a.write_page(PageIndex::new(0), &data(0xA0));
+            let first = a.zero_page(PageIndex::new(1));
+            FIRST_ZERO.lock(|z| *z = first.ok());
+            let _ = a.write_page(PageIndex::new(2), &data(0xA2));
+            let _ = a.write_page(PageIndex::new(3), &data(0xA3));
+            let _ = a.zero_page(PageIndex::new(3));
+            let _ = b.write_page(PageIndex::new(0), &data(0xB0));
+            let _ = b.write_page(PageIndex::new(1), &data(0xB1));
+        });
+        WorkerExit::Returned
+    }
+}
+
+fn page_is(region: &AtomicRegion<'_>, page: usize, byte: u8) -> bool {
+    let mut buf = [0u8; 64];
+    (0..PAGE / 64).all(|i| {
+        region.read(page * PAGE + i * 64, &mut buf);
+        buf.iter().all(|&b| b == byte)
+    })
+}
+
+fn scenario_blocks(c: &mut Checks) {
+    let installed = TABLE.install(ZeroPagePolicy::SkipUntouched, |table| {
+        let size = PageSize::DEFAULT;
+        let a = BlockSpec { name: b"pc.ram", used_len: (PAGES_A * PAGE) as u64, page_size: size, memory_zeroed: true };
+        let b =
+            BlockSpec { name: b"vga.vram", used_len: (PAGES_B * PAGE) as u64, page_size: size, memory_zeroed: true };
+        table.add(&a, &REGION_A, &WORDS_A)?;
+        table.add(&b, &REGION_B, &WORDS_B)?;
+        Ok(())
+    });
+    c.check("blocks: table of 2 blocks installed in static storage", installed.is_ok());
+    let created = BLOCKS_COORD.create_all(&PageWorker, |_| Ok(()));
+    c.check("blocks: receive worker started", created.map(|r| r.started) == Ok(1));
+    c.check(
+        "blocks: release refused while the worker is not joined",
+        matches!(TABLE.release_after(&BLOCKS_COORD), Err(ReleaseError::NotQuiescent(_))),
+    );
+    let joined = BLOCKS_COORD.cleanup(&PageWorker).map(|t| t.report().joined);
+    c.check("blocks: worker joined", joined == Ok(1));
+    let counts = TABLE.lease().map(|l| {
+        l.with(|t| {
+            let a = t.find(b"pc.ram").map(|(_, b)| b.bitmap().count());
+            let b = t.find(b"vga.vram").map(|(_, b)| b.bitmap().count());
+            (a, b)
+        })
+    });
+    c.check("blocks: every page's bit is set", counts == Ok((Some(PAGES_A), Some(PAGES_B))));
+    c.check("blocks: data pages hold their bytes", page_is(&REGION_A, 0, 0xA0) && page_is(&REGION_A, 2, 0xA2));
+    c.check("blocks: first-time zero page skipped the write", FIRST_ZERO.lock(|z| *z) == Some(ZeroPage::Skipped));
+    c.check("blocks: first-time zero page reads zero", page_is(&REGION_A, 1, 0));
+    c.check("blocks: data then zero ends zero (B31)", page_is(&REGION_A, 3, 0));
+    c.check("blocks: second block intact", page_is(&REGION_B, 0, 0xB0) && page_is(&REGION_B, 1, 0xB1));
+    c.check("blocks: released after all joined", TABLE.release_after(&BLOCKS_COORD).is_ok());
+    c.check("blocks: no lease after release", matches!(TABLE.lease(), Err(ReleaseError::NotInstalled)));
+}
+
 #[entry]
 fn main() -> ! {
     defmt::info!("firmware-demo: multifd-core {=str} on bare metal", multifd_core::VERSION);
@@ -136,6 +243,7 @@ fn main() -> ! {
     scenario_seams(&mut c);
     scenario_lifecycle_all_start(&mut c);
     scenario_lifecycle_start_fails(&mut c);
+    scenario_blocks(&mut c);
 
     #[cfg(feature = "fail-demo")]
     c.check("deliberately failing check (fail-demo)", false);

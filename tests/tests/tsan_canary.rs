@@ -1,9 +1,19 @@
 //! A deliberate data race, run only by the ThreadSanitizer tier (`--ignored`), which expects this test
 //! to FAIL with a TSan report: it proves the sanitizer is really active in that tier.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 #[test]
 #[ignore = "deliberately racy: run only by the test command's TSan tier, which expects a TSan report"]
 fn tsan_canary_detects_a_data_race() {
+    // TSan does not report every racy execution, so race 32 times, on fresh memory each time; one
+    // report is all the tier needs.
+    for _ in 0..32 {
+        race_once();
+    }
+}
+
+fn race_once() {
     struct Shared(std::cell::UnsafeCell<u64>);
     // SAFETY: deliberately unsound, so that ThreadSanitizer has a race to report.
     unsafe impl Sync for Shared {}
@@ -13,22 +23,31 @@ fn tsan_canary_detects_a_data_race() {
             unsafe { *self.0.get() += 1 };
         }
     }
-    let shared = Shared(std::cell::UnsafeCell::new(0));
-    // Both threads pass the barrier before writing, so their writes are concurrent (a thread that
-    // finished before the other started might be ordered by the runtime's own synchronisation).
-    let start = std::sync::Barrier::new(2);
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| {
-                start.wait();
-                // Write for a fixed time, so the two threads' writes surely overlap.
-                let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
-                while std::time::Instant::now() < until {
-                    shared.bump();
-                }
-            });
+    let shared = Box::new(Shared(std::cell::UnsafeCell::new(0)));
+    let shared = &*shared;
+    // A writes, then raises a Relaxed flag; B waits for it, writes, and raises its own; A stays alive
+    // until then. Relaxed flags create no happens-before edge, so the two writes race; B's always
+    // follows A's in real time while both threads live (TSan can miss a race with a thread that has
+    // already exited, whose slot it reuses).
+    let a_wrote = AtomicBool::new(false);
+    let b_wrote = AtomicBool::new(false);
+    let wait = |flag: &AtomicBool| {
+        while !flag.load(Ordering::Relaxed) {
+            std::hint::spin_loop();
         }
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            shared.bump();
+            a_wrote.store(true, Ordering::Relaxed);
+            wait(&b_wrote);
+        });
+        s.spawn(|| {
+            wait(&a_wrote);
+            shared.bump();
+            b_wrote.store(true, Ordering::Relaxed);
+        });
     });
     // SAFETY: both writers are joined.
-    assert!(unsafe { *shared.0.get() } > 0);
+    assert_eq!(unsafe { *shared.0.get() }, 2);
 }

@@ -333,14 +333,14 @@ mod loom_tests {
             let slot = installed();
             let s2 = Arc::clone(&slot);
             let t = thread::spawn(move || match s2.lease() {
-                Ok(lease) => lease.with(|t| t.len() == 0),
+                Ok(lease) => lease.with(|t| t.is_empty()),
                 Err(e) => {
                     assert_eq!(e, ReleaseError::NotInstalled);
                     false
                 }
             });
             let other = Coordinator::<(), Infallible, 1>::new(1).unwrap();
-            let token = other.cleanup(&NoWorkers).unwrap();
+            let token = other.cleanup(&crate::lifecycle::testing::Inline).unwrap();
             let released = match slot.release(&token) {
                 Ok(()) => true,
                 Err(e) => {
@@ -354,24 +354,6 @@ mod loom_tests {
                 assert_eq!(slot.release(&token), Ok(()));
             }
         });
-    }
-
-    /// A platform for a coordinator that never starts a worker.
-    struct NoWorkers;
-
-    impl Wake for NoWorkers {
-        fn wake(&self, _: ChannelId) {}
-    }
-
-    impl Platform for NoWorkers {
-        type Handle = ();
-        type Error = Infallible;
-        fn start(&self, _: ChannelId) -> Result<(), Infallible> {
-            Ok(())
-        }
-        fn join(&self, _: ChannelId, _: ()) -> WorkerExit {
-            WorkerExit::Returned
-        }
     }
 
     /// A lease taken concurrently with an install either fails or sees the installed table.
