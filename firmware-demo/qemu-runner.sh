@@ -4,7 +4,7 @@
 set -uo pipefail
 ELF="$1"
 shift
-MACHINE="${QEMU_MACHINE:-lm3s6965evb}"
+MACHINE="${QEMU_MACHINE:-mps2-an385}"
 if ! command -v qemu-system-arm >/dev/null; then
   echo "qemu-runner: qemu-system-arm not found; run scripts/setup.sh" >&2
   exit 127

@@ -236,6 +236,74 @@ fn scenario_blocks(c: &mut Checks) {
     c.check("blocks: no lease after release", matches!(TABLE.lease(), Err(ReleaseError::NotInstalled)));
 }
 
+fn scenario_migration(c: &mut Checks) {
+    use crate::migration::{Fault, PAGES, guards_intact, page_matches, run};
+    let Some(source) = cortex_m::singleton!(: crate::migration::Source = crate::migration::Source::new()) else {
+        c.check("migration: source arena", false);
+        return;
+    };
+    source.fill();
+    let source: &'static crate::migration::Source = source;
+
+    // 1. A full migration with one dirty round, byte for byte.
+    let out = run(source, Fault::None);
+    defmt::info!("migration: {}", out);
+    c.check("migration: both send workers started", out.started == 2);
+    c.check("migration: precopy finished", out.sent_ok);
+    c.check("migration: destination completed (EOF, clean channel ends, epochs paired)", out.completed);
+    c.check("migration: two epochs (the setup flush and one per round)", out.epochs >= 2);
+    let exact = (0..2).all(|b| (0..PAGES[b]).all(|p| page_matches(source, b, p)));
+    c.check("migration: destination equals the source byte for byte", exact);
+    c.check("migration: every bitmap bit is set", out.all_bits);
+    c.check("migration: no byte written outside a block", guards_intact());
+    c.check("migration: send workers joined", out.send_joined == 2);
+    c.check("migration: block table refused before the receive workers were joined", !out.released_early);
+    c.check("migration: block table released after they were", out.released_after);
+
+    // 2. Channel 1's worker cannot start: the migration fails cleanly.
+    let out = run(source, Fault::StartChannel1);
+    defmt::info!("start failure: {}", out);
+    c.check("start failure: only channel 0 started", out.started == 1);
+    c.check("start failure: nothing was sent", !out.sent_ok && !out.completed);
+    c.check("start failure: only the started worker was joined", out.send_joined == 1);
+    c.check("start failure: arena released only after cleanup", !out.released_early && out.released_after);
+
+    // 3. A corrupted packet header on channel 0: a typed error, no write outside a block.
+    let out = run(source, Fault::CorruptOffset);
+    defmt::info!("corrupt packet: {}", out);
+    c.check("corrupt packet: the destination reports the bad offset", out.offset_error && !out.completed);
+    c.check("corrupt packet: the sender stops too", !out.sent_ok);
+    c.check("corrupt packet: no byte written outside a block", guards_intact());
+    c.check("corrupt packet: workers joined, arena released after", out.send_joined == 2 && out.released_after);
+}
+
+/// Logs the RAM the core's engine state takes, for BENCHMARKS.md (4 channels, 4 blocks).
+fn log_state_sizes() {
+    use core::mem::size_of;
+    use multifd_core::recv::{EpochBarrier, MainRecv, MAX_HEADER_LEN, RecvChannel};
+    use multifd_core::send::{MAX_PAGE_COUNT, SendEngine};
+    use multifd_core::wire::StreamParser;
+    type Send4 = SendEngine<'static, crate::migration::Source, ChannelId, FwError, 4>;
+    type Coord4 = Coordinator<ChannelId, FwError, 4>;
+    type Table4 = TableSlot<'static, AtomicRegion<'static>, 4>;
+    // Packet buffers: a send slot's batch (the next packet's offsets) and a receive channel's header.
+    let send_batches = 4 * MAX_PAGE_COUNT * 8;
+    let recv_headers = 4 * MAX_HEADER_LEN;
+    let send = size_of::<Send4>();
+    let recv = 4 * size_of::<RecvChannel>() + size_of::<EpochBarrier>() + size_of::<MainRecv>() + size_of::<Coord4>();
+    defmt::info!(
+        "state bytes: send engine {=usize} (batches {=usize}), 4 recv channels + barrier + main + coordinator {=usize} (headers {=usize}), block table slot {=usize}, stream parser {=usize}",
+        send,
+        send_batches,
+        recv,
+        recv_headers,
+        size_of::<Table4>(),
+        size_of::<StreamParser>()
+    );
+    let engine_state = (send - send_batches) + (recv - recv_headers) + size_of::<Table4>() + size_of::<StreamParser>();
+    defmt::info!("engine state for 4 channels and 4 blocks, packet buffers excluded: {=usize} bytes", engine_state);
+}
+
 #[entry]
 fn main() -> ! {
     defmt::info!("firmware-demo: multifd-core {=str} on bare metal", multifd_core::VERSION);
@@ -244,6 +312,8 @@ fn main() -> ! {
     scenario_lifecycle_all_start(&mut c);
     scenario_lifecycle_start_fails(&mut c);
     scenario_blocks(&mut c);
+    scenario_migration(&mut c);
+    log_state_sizes();
 
     #[cfg(feature = "fail-demo")]
     c.check("deliberately failing check (fail-demo)", false);

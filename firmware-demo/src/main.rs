@@ -1,4 +1,4 @@
-//! The firmware demo: multifd-core on a bare-metal Cortex-M3 (QEMU's lm3s6965evb).
+//! The firmware demo: multifd-core on a bare-metal Cortex-M3 (QEMU's mps2-an385 board).
 //!
 //! On the host this file compiles to a stub that explains how to run the real thing (`cargo fw`);
 //! the firmware itself lives in `fw.rs` and is built only for `target_os = "none"`.
@@ -7,6 +7,8 @@
 
 #[cfg(target_os = "none")]
 mod fw;
+#[cfg(target_os = "none")]
+mod migration;
 
 #[cfg(not(target_os = "none"))]
 fn main() {

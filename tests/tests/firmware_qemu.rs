@@ -33,7 +33,7 @@ fn build_firmware(features: &str) -> PathBuf {
 /// Boots `elf` in QEMU under a timeout; returns (exit code, decoded defmt log).
 fn run_in_qemu(elf: &Path) -> (Option<i32>, String) {
     let qemu = Command::new("timeout")
-        .args(["60", "qemu-system-arm", "-machine", "lm3s6965evb", "-nographic"])
+        .args(["60", "qemu-system-arm", "-machine", "mps2-an385", "-nographic"])
         .args(["-semihosting-config", "enable=on,target=native", "-kernel"])
         .arg(elf)
         .stdout(Stdio::piped())
