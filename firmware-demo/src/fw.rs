@@ -280,7 +280,7 @@ fn scenario_migration(c: &mut Checks) {
 /// Logs the RAM the core's engine state takes, for BENCHMARKS.md (4 channels, 4 blocks).
 fn log_state_sizes() {
     use core::mem::size_of;
-    use multifd_core::recv::{EpochBarrier, MainRecv, MAX_HEADER_LEN, RecvChannel};
+    use multifd_core::recv::{EpochBarrier, MAX_HEADER_LEN, MainRecv, RecvChannel};
     use multifd_core::send::{MAX_PAGE_COUNT, SendEngine};
     use multifd_core::wire::StreamParser;
     type Send4 = SendEngine<'static, crate::migration::Source, ChannelId, FwError, 4>;

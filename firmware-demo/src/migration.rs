@@ -12,7 +12,9 @@ use core::cell::UnsafeCell;
 
 use heapless::Deque;
 use multifd_core::bitmap::{AtomicWord, words_for};
-use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, GuestMemory, PageSize, TableSlot, ZeroPagePolicy};
+use multifd_core::block::{
+    AtomicRegion, AtomicU8, BlockSpec, BlockTable, GuestMemory, PageSize, TableSlot, ZeroPagePolicy,
+};
 use multifd_core::lifecycle::{ChannelId, Coordinator, Platform, Wake, WorkerExit};
 use multifd_core::lock::SpinLock;
 use multifd_core::recv::{EpochBarrier, MainAction, MainRecv, RecvChannel, RecvError, SyncMode};
@@ -115,8 +117,10 @@ impl SourceBlocks for Source {
 /// Guard bytes before and after each destination block: a write outside a block would change them.
 pub(crate) const GUARD: usize = 64;
 const GUARD_BYTE: u8 = 0x5a;
-pub(crate) static DEST_A: [AtomicU8; PAGES[0] * PAGE + 2 * GUARD] = [const { AtomicU8::new(0) }; PAGES[0] * PAGE + 2 * GUARD];
-pub(crate) static DEST_B: [AtomicU8; PAGES[1] * PAGE + 2 * GUARD] = [const { AtomicU8::new(0) }; PAGES[1] * PAGE + 2 * GUARD];
+pub(crate) static DEST_A: [AtomicU8; PAGES[0] * PAGE + 2 * GUARD] =
+    [const { AtomicU8::new(0) }; PAGES[0] * PAGE + 2 * GUARD];
+pub(crate) static DEST_B: [AtomicU8; PAGES[1] * PAGE + 2 * GUARD] =
+    [const { AtomicU8::new(0) }; PAGES[1] * PAGE + 2 * GUARD];
 static WORDS_A: [AtomicWord; words_for(PAGES[0])] = [const { AtomicWord::new(0) }; words_for(PAGES[0])];
 static WORDS_B: [AtomicWord; words_for(PAGES[1])] = [const { AtomicWord::new(0) }; words_for(PAGES[1])];
 pub(crate) type Table = BlockTable<'static, AtomicRegion<'static>, 4>;
@@ -437,7 +441,9 @@ impl Dest {
             && self.blocks_checked == 2
             && self.chans.iter().all(|i| {
                 i.ring.is_empty()
-                    && i.chan.as_ref().is_some_and(|c| c.finish().is_ok() && c.stats().syncs == self.main.stats().markers)
+                    && i.chan
+                        .as_ref()
+                        .is_some_and(|c| c.finish().is_ok() && c.stats().syncs == self.main.stats().markers)
             })
     }
 
@@ -664,11 +670,13 @@ pub(crate) fn run(source: &Source, fault: Fault) -> Outcome {
             out.started = report.started;
         }
         if engine.lifecycle().error().is_none() {
-            let mut embedder = TwoRounds { source, all: [[0b1111], [0b11]], dirty: [[0], [0]], rounds: Default::default() };
+            let mut embedder =
+                TwoRounds { source, all: [[0b1111], [0b11]], dirty: [[0], [0]], rounds: Default::default() };
             let mut main = MainOut { dest: &dest, table };
-            let sent = engine.producer().map_err(PrecopyError::Send).and_then(|mut producer| {
-                precopy(&mut producer, &coop, &mut main, &mut embedder, b"none")
-            });
+            let sent = engine
+                .producer()
+                .map_err(PrecopyError::Send)
+                .and_then(|mut producer| precopy(&mut producer, &coop, &mut main, &mut embedder, b"none"));
             if sent.is_err() {
                 engine.lifecycle().record_error(&coop, MigError::Dest);
             }
@@ -710,9 +718,11 @@ pub(crate) fn page_matches(source: &Source, block: usize, page: usize) -> bool {
 fn is_offset_error(e: &DestError) -> bool {
     use multifd_core::block::BlockError;
     use multifd_core::wire::DecodeError;
-    match e {
-        DestError::Channel(RecvError::Block { error: BlockError::OffsetOutOfRange { .. }, .. }) => true,
-        DestError::Channel(RecvError::Packet { error: DecodeError::OffsetOutOfRange { .. }, .. }) => true,
-        _ => false,
-    }
+    matches!(
+        e,
+        DestError::Channel(
+            RecvError::Block { error: BlockError::OffsetOutOfRange { .. }, .. }
+                | RecvError::Packet { error: DecodeError::OffsetOutOfRange { .. }, .. }
+        )
+    )
 }

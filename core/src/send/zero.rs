@@ -58,7 +58,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: if cfg!(miri) { 3 } else { 256 }, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: if cfg!(miri) { 3 } else { 256 }, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
         fn agrees_with_a_plain_model(len in 0usize..5000, pos in any::<usize>(), value in 1u8..=255, extra in any::<bool>()) {
             let mut page = std::vec![0u8; len];
