@@ -40,3 +40,26 @@ fn json_num(json: &str, key: &str) -> Option<u64> {
     let at = json.find(&pat)? + pat.len();
     json[at..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
+
+/// Our sender into our receiver with 1, 2, 4 and 8 channels, three rounds with dirtied pages each:
+/// byte-exact every time, one SYNC per channel per round (plus the setup one), every worker joined.
+#[test]
+#[cfg_attr(miri, ignore = "runs processes")]
+fn our_sender_into_our_receiver_at_1_2_4_8_channels() {
+    multifd_tests::with_deadline(240, "our_sender_into_our_receiver_at_1_2_4_8_channels", || {
+        for channels in [1u64, 2, 4, 8] {
+            let n = channels.to_string();
+            let out = Command::new(multifd_bin())
+                .args(["demo", "--size", "16M", "--channels", &n, "--rounds", "3", "--seed", &n, "--json"])
+                .output()
+                .expect("run multifd demo");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{channels} channels failed ({:?}): {stderr}\n{stdout}", out.status);
+            assert!(stdout.contains("\"verified\":\"byte-exact\""), "{channels} channels: {stdout}");
+            assert_eq!(json_num(&stdout, "rounds"), Some(3), "{channels} channels: {stdout}");
+            assert_eq!(json_num(&stdout, "syncs_per_channel"), Some(4), "{channels} channels: {stdout}");
+            assert_eq!(json_num(&stdout, "workers_joined"), Some(channels), "{channels} channels: {stdout}");
+        }
+    });
+}
