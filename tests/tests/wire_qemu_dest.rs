@@ -7,36 +7,11 @@ mod wire_support;
 use core::time::Duration;
 use multifd_core::wire::stream::Record;
 use multifd_core::wire::{Flags, Geometry, InitPacket, Layout, RamHeader};
-use std::io::{BufRead, BufReader, Write};
+use multifd_tests::qemu_dest::QemuDest;
+use std::io::Write;
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 use wire_support::{PAGE, guest_image};
-
-struct Qemu(Child);
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Qmp(BufReader<UnixStream>);
-impl Qmp {
-    fn cmd(&mut self, json: &str) -> String {
-        self.0.get_mut().write_all(json.as_bytes()).unwrap();
-        self.0.get_mut().write_all(b"\n").unwrap();
-        loop {
-            let mut line = String::new();
-            assert!(self.0.read_line(&mut line).unwrap() > 0, "QMP closed");
-            if line.contains("\"return\"") || line.contains("\"error\"") {
-                assert!(!line.contains("\"error\""), "QMP {json}: {line}");
-                return line;
-            }
-        }
-    }
-}
 
 fn emit(out: &mut Vec<u8>, r: Record<'_>) {
     let start = out.len();
@@ -88,45 +63,12 @@ fn qemu_destination_accepts_our_streams() {
     const CHANNELS: usize = 2;
     let size = 4usize << 20;
     let image = guest_image(7, size);
-    let dir = std::env::temp_dir().join(format!("multifd-dest-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ram = dir.join("ram.img");
     // Poison in every page the image has non-zero; zero pages start zero, as QEMU assumes of a
     // fresh destination (it only clears a zero page it has received data for before).
     let poisoned: Vec<u8> =
         image.chunks(PAGE).flat_map(|p| if p.iter().all(|&b| b == 0) { [0u8; PAGE] } else { [0x5au8; PAGE] }).collect();
-    std::fs::write(&ram, poisoned).unwrap();
-    let qmp_path = dir.join("qmp.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _qemu = Qemu(
-        Command::new("qemu-system-x86_64")
-            .args(["-M", "none,memory-backend=m0", "-accel", "tcg", "-object"])
-            .arg(format!("memory-backend-file,id=m0,size=4M,mem-path={},share=on", ram.display()))
-            .args(["-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-            .args(["-incoming", "defer"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start QEMU"),
-    );
-    let t0 = Instant::now();
-    let sock = loop {
-        match UnixStream::connect(&qmp_path) {
-            Ok(s) => break s,
-            Err(e) if t0.elapsed() < Duration::from_secs(10) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("QMP socket: {e}"),
-        }
-    };
-    let mut qmp = Qmp(BufReader::new(sock));
-    let mut greeting = String::new();
-    qmp.0.read_line(&mut greeting).unwrap();
-    qmp.cmd(r#"{"execute":"qmp_capabilities"}"#);
-    qmp.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"multifd","state":true}]}}"#);
-    qmp.cmd(&format!(r#"{{"execute":"migrate-set-parameters","arguments":{{"multifd-channels":{CHANNELS}}}}}"#));
-    qmp.cmd(&format!(r#"{{"execute":"migrate-incoming","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
+    let mut dest = QemuDest::start("wire-dest", size, &poisoned, CHANNELS as u8);
+    let port = dest.port;
 
     // Pages: zero ones as zero offsets, others as data; 128 per packet, round-robin.
     let mut per_channel: Vec<Vec<(Vec<u64>, Vec<u64>)>> = vec![Vec::new(); CHANNELS];
@@ -185,17 +127,10 @@ fn qemu_destination_accepts_our_streams() {
         s.join().unwrap();
     }
 
-    let t0 = Instant::now();
-    let status = loop {
-        let r = qmp.cmd(r#"{"execute":"query-migrate"}"#);
-        if r.contains("\"completed\"") || r.contains("\"failed\"") || t0.elapsed() > Duration::from_secs(30) {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = dest.wait_done(30);
     drop(main_sock);
     assert!(status.contains("\"completed\""), "destination did not complete: {status}");
-    let got = std::fs::read(&ram).unwrap();
+    let got = dest.ram();
     let bad: Vec<usize> =
         (0..size / PAGE).filter(|&i| got[i * PAGE..(i + 1) * PAGE] != image[i * PAGE..(i + 1) * PAGE]).collect();
     assert!(
@@ -204,6 +139,4 @@ fn qemu_destination_accepts_our_streams() {
         bad.len(),
         bad.first()
     );
-    let _ = qmp.cmd(r#"{"execute":"quit"}"#);
-    std::fs::remove_dir_all(&dir).ok();
 }
