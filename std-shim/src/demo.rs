@@ -161,7 +161,8 @@ fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<Str
         page_size: PAGE as u32,
         port_file: Some(port_file.clone()),
         prealloc: Vec::new(),
-        progress: false,
+        // The receiver's progress line (a bar on a terminal) is the demo's progress display.
+        progress: !opts.json,
     };
     let (send_result, recv_report) = std::thread::scope(|s| {
         let receiver = s.spawn(|| recv::run(&ropts));
@@ -230,6 +231,7 @@ fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<Str
         ));
     }
     let mut text = format_report(&report, PAGE as u32, opts.json);
+    let balance = channel_balance(&recv_report.channels);
     if opts.json {
         text = format!(
             "{{\"sender\":{},\"receiver\":{},\"verified\":\"byte-exact\",\"size\":{},\"image_seconds\":{gen_secs:.3}}}\n",
@@ -239,7 +241,7 @@ fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<Str
         );
     } else {
         text = format!(
-            "multifd demo: {} MiB guest, {} channels, {}% zero pages, seed {}\n{text}{:<22} {} epochs, {} packets, {:.3} s\n{:<22} byte-exact ({} pages)\n",
+            "multifd demo: {} MiB guest, {} channels, {}% zero pages, seed {}\n{text}{balance}{:<22} {} epochs, {} packets, {:.3} s from listening to block file written\n{:<22} byte-exact ({} pages)\n",
             opts.size >> 20,
             opts.channels,
             opts.zero_percent,
@@ -253,4 +255,24 @@ fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<Str
         );
     }
     Ok(text)
+}
+
+/// The per-channel balance table: what each channel carried, as seen by the receiver, and its share
+/// of the data pages (an even spread is 100/N % each).
+pub fn channel_balance(channels: &[(u8, multifd_core::recv::ChannelStats)]) -> String {
+    let total: u64 = channels.iter().map(|(_, c)| c.normal_pages).sum();
+    let mut out = String::from("channel    packets     normal       zero    MiB   share\n");
+    for (id, c) in channels {
+        let share = if total == 0 { 0.0 } else { 100.0 * c.normal_pages as f64 / total as f64 };
+        out += &format!(
+            "{:>7} {:>10} {:>10} {:>10} {:>6.1} {:>6.1}%\n",
+            id,
+            c.packets,
+            c.normal_pages,
+            c.zero_pages,
+            c.bytes as f64 / (1024.0 * 1024.0),
+            share
+        );
+    }
+    out
 }

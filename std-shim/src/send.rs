@@ -374,17 +374,22 @@ pub fn migrate<P: Precopy + ?Sized>(
                     return;
                 }
             };
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + out.pages().len());
-            slices.push(IoSlice::new(out.header()));
-            slices.extend(out.pages().map(IoSlice::new));
+            // On the stack: no heap allocation per packet (tests/tests/no_alloc_steady.rs).
+            let mut slices = [IoSlice::new(&[]); 1 + multifd_core::send::MAX_PAGE_COUNT];
+            slices[0] = IoSlice::new(out.header());
+            let mut used = 1;
+            debug_assert!(out.pages().len() < slices.len(), "a packet holds at most MAX_PAGE_COUNT pages");
+            for (slot, page) in slices[1..].iter_mut().zip(out.pages()) {
+                *slot = IoSlice::new(page);
+                used += 1;
+            }
             let packet_num = out.packet_num;
-            if let Err(err) = write_all_vectored(&stream, &mut slices) {
+            if let Err(err) = write_all_vectored(&stream, &mut slices[..used]) {
                 engine_ref
                     .lifecycle()
                     .record_error(waker, SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err });
                 return;
             }
-            drop(slices);
             ch.done(&notify);
         }
     };
