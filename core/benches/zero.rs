@@ -45,10 +45,10 @@ fn bandwidth(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(size as u64));
         let label = if size >= 1 << 20 { format!("{}MiB", size >> 20) } else { format!("{}KiB", size >> 10) };
         g.bench_with_input(BenchmarkId::new("read_loop", &label), &buf, |b, buf| {
-            b.iter(|| black_box(read_loop(black_box(buf))))
+            b.iter(|| black_box(read_loop(black_box(buf))));
         });
         g.bench_with_input(BenchmarkId::new("is_zero_page", &label), &buf, |b, buf| {
-            b.iter(|| black_box(zero_check(black_box(buf))))
+            b.iter(|| black_box(zero_check(black_box(buf))));
         });
     }
     g.finish();
