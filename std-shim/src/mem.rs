@@ -3,12 +3,15 @@
 //! Fresh mappings read as zero without being touched, so the block is declared zeroed and a page's
 //! first zero page never faults it in. How the mapping is made is part of the receive speed:
 //!
-//! - [`Populate::Lazy`]: pages fault in on first write. The mapping is advised `MADV_HUGEPAGE`, so a
-//!   fault brings in a 2 MiB huge page where the kernel allows it (512 times fewer faults than 4 KiB
-//!   pages; the kernel zeroes the huge page either way).
-//! - [`Populate::Touch`] (`--prealloc`): the whole mapping is populated (`MAP_POPULATE`, then one
-//!   write per page to break any shared zero page) before the migration starts, so receiving does
-//!   no page faults at all.
+//! - [`Populate::Lazy`]: pages fault in on first write, one 4 KiB page at a time: the mapping is
+//!   advised `MADV_NOHUGEPAGE`. With huge pages, the first data page in a 2 MiB range makes the kernel
+//!   zero all of it, zero pages included; with 4 KiB pages a zero page is never populated at all. On
+//!   the 2-vCPU development VM, where getting and zeroing a fresh page is expensive, a 1 GiB receive
+//!   with 40% zero pages spent about 3 s of system CPU with huge pages and about 1 s without, and its
+//!   wall time halved (measured with `multifd demo` and `scripts/bench-migrate.sh`, BENCHMARKS.md).
+//! - [`Populate::Touch`] (`--prealloc`): advised `MADV_HUGEPAGE` (fewer TLB misses while receiving)
+//!   and populated before the migration starts (`MADV_POPULATE_WRITE`, or one write per page on a
+//!   kernel without it), so receiving does no page faults at all.
 //!
 //! Bytes are reached only through raw pointers ([`GuestMemory::raw_range`] for socket reads, raw
 //! copies otherwise): no `&`/`&mut [u8]` over the mapping exists while workers run, since a hostile
@@ -24,7 +27,7 @@ use multifd_core::lifecycle::AllJoined;
 /// How to populate a fresh mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Populate {
-    /// Fault pages in on first write (huge pages advised).
+    /// Fault pages in on first write, in 4 KiB pages.
     Lazy,
     /// Populate and touch every page now.
     Touch,
@@ -49,10 +52,7 @@ impl AnonMemory {
     /// Maps `len` bytes (rounded up to the system page size, at least one page).
     pub fn new(len: usize, populate: Populate) -> io::Result<Self> {
         let map_len = len.max(1);
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        if populate == Populate::Touch {
-            flags |= libc::MAP_POPULATE;
-        }
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choice: no existing memory
         // is affected; the result is checked against MAP_FAILED.
         let ptr =
@@ -60,17 +60,26 @@ impl AnonMemory {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        let advice = match populate {
+            Populate::Lazy => libc::MADV_NOHUGEPAGE,
+            Populate::Touch => libc::MADV_HUGEPAGE,
+        };
         // SAFETY: `ptr..ptr + map_len` is the mapping just created. The advice is a hint; its failure
         // (a kernel without THP) changes nothing but speed, so the result is ignored.
-        unsafe { libc::madvise(ptr, map_len, libc::MADV_HUGEPAGE) };
+        unsafe { libc::madvise(ptr, map_len, advice) };
         let Some(ptr) = NonNull::new(ptr.cast::<u8>()) else {
             return Err(io::Error::other("mmap returned a null mapping"));
         };
         let mem = Self { ptr, len };
         if populate == Populate::Touch {
-            for off in (0..len).step_by(4096) {
-                // SAFETY: `off` is inside the mapping, and nobody else can reach it yet.
-                unsafe { mem.ptr.as_ptr().add(off).write_volatile(0) };
+            // SAFETY: the range is the mapping just created; populating it changes no contents.
+            let populated = unsafe { libc::madvise(ptr.as_ptr().cast(), map_len, libc::MADV_POPULATE_WRITE) } == 0;
+            if !populated {
+                // Kernels before 5.14: one write per page faults everything in.
+                for off in (0..len).step_by(4096) {
+                    // SAFETY: `off` is inside the mapping, and nobody else can reach it yet.
+                    unsafe { mem.ptr.as_ptr().add(off).write_volatile(0) };
+                }
             }
         }
         Ok(mem)

@@ -785,7 +785,11 @@ fn finish(
     }
     // The moment everything is in memory (before the files are written), for benchmarks.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    eprintln!("multifd recv: all pages received at unix time {:.6}", now.as_secs_f64());
+    let (user, sys) = cpu_seconds();
+    eprintln!(
+        "multifd recv: all pages received at unix time {:.6} (cpu user {user:.3} s, sys {sys:.3} s)",
+        now.as_secs_f64()
+    );
     // Complete: write every block under a temporary name, then rename them all.
     let mut written = Vec::new();
     let result = (|| {
@@ -957,6 +961,20 @@ fn progress(table: &Table<'_>, bytes: &AtomicU64, done: &AtomicBool, barrier: &E
     if tty {
         eprintln!();
     }
+}
+
+/// CPU seconds (user, system) this process has used so far, every thread included.
+fn cpu_seconds() -> (f64, f64) {
+    // SAFETY: `getrusage` only writes the `rusage` it is given, which is a valid, zeroed value here.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) != 0 {
+            return (0.0, 0.0);
+        }
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(usage.ru_utime), secs(usage.ru_stime))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

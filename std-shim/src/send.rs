@@ -5,11 +5,11 @@
 //! implements [`Precopy`] (which pages each round sends, when to stop), and a cancel flag. The
 //! command line uses [`StaticPrecopy`] (one round of every page) and [`run_cli`].
 
-use std::cell::UnsafeCell;
 use std::fmt;
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, Thread};
@@ -27,12 +27,25 @@ use crate::platform::{Role, StdWaker, WakeHook, WorkerToken, run_scoped};
 /// Channels a std migration can have (the engine's capacity).
 pub const MAX_SEND_CHANNELS: usize = 16;
 
-/// Guest memory of one RAM block on the source: a heap buffer that channel workers read and that the
-/// embedder may change between rounds, while it holds the engine's [`Quiescent`] token.
+/// Guest memory of one RAM block on the source: channel workers read it, and the embedder may change
+/// it between rounds while it holds the engine's [`Quiescent`] token. Either a heap buffer
+/// ([`GuestImage::new`]) or a private mapping of an image file ([`GuestImage::map_file`]).
 pub struct GuestImage {
-    cells: Box<[UnsafeCell<u8>]>,
+    base: NonNull<u8>,
+    len: usize,
+    backing: Backing,
 }
 
+enum Backing {
+    /// Owns the `Box<[u8]>` at `base`, rebuilt and dropped in `Drop`.
+    Heap,
+    /// A `mmap` of `len.max(1)` bytes at `base`, unmapped in `Drop`.
+    Map,
+}
+
+// SAFETY: the memory is owned by this value (a leaked box or a private mapping) and reached only
+// through `base`, so it may move to another thread.
+unsafe impl Send for GuestImage {}
 // SAFETY: shared access is reads of pages by channel workers during a round, and writes through
 // `write`, which requires the `Quiescent` token: every channel is idle then, and idle workers hold no
 // page slice (the send channel's packet borrows end before `done`). So reads and writes never overlap.
@@ -40,49 +53,111 @@ unsafe impl Sync for GuestImage {}
 
 impl fmt::Debug for GuestImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GuestImage").field("len", &self.cells.len()).finish()
+        let backing = match self.backing {
+            Backing::Heap => "heap",
+            Backing::Map => "file mapping",
+        };
+        f.debug_struct("GuestImage").field("len", &self.len).field("backing", &backing).finish()
     }
 }
 
 impl GuestImage {
     /// Takes ownership of `bytes` as guest memory.
     pub fn new(bytes: Vec<u8>) -> Self {
-        let raw = Box::into_raw(bytes.into_boxed_slice()) as *mut [UnsafeCell<u8>];
-        // SAFETY: `UnsafeCell<u8>` is `repr(transparent)` over `u8`, so the layout and the allocation
-        // are the same; the box is rebuilt from the pointer `into_raw` gave up.
-        let cells = unsafe { Box::from_raw(raw) };
-        Self { cells }
+        let len = bytes.len();
+        let raw = Box::into_raw(bytes.into_boxed_slice());
+        // SAFETY: `Box::into_raw` never returns null (for an empty slice it is dangling, not null).
+        let base = unsafe { NonNull::new_unchecked(raw.cast::<u8>()) };
+        Self { base, len, backing: Backing::Heap }
+    }
+
+    /// Maps the file at `path` privately as guest memory: pages are read from the page cache when a
+    /// channel first sends them, nothing is copied up front, and writes (between rounds) stay private
+    /// to this process. The file must not be truncated while it is mapped (reads past its new end
+    /// would fault).
+    pub fn map_file(path: &Path) -> io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::other("the file does not fit in the address space"))?;
+        if len == 0 {
+            return Ok(Self::new(Vec::new()));
+        }
+        // SAFETY: a new private mapping of an open file at an address of the kernel's choice: no
+        // existing memory is affected; the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the range is the mapping just created; the advice is a hint (read-ahead), its
+        // failure changes nothing but speed.
+        unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { base, len, backing: Backing::Map })
     }
 
     /// Bytes of guest memory.
     pub fn len(&self) -> usize {
-        self.cells.len()
+        self.len
     }
 
     /// Whether it is empty.
     pub fn is_empty(&self) -> bool {
-        self.cells.is_empty()
+        self.len == 0
+    }
+
+    fn check(&self, offset: usize, len: usize) {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "guest image range {offset}+{len} outside its {} bytes",
+            self.len
+        );
     }
 
     /// `len` bytes at `offset` (panics outside the image).
     pub fn read(&self, offset: usize, len: usize) -> &[u8] {
-        let cells = &self.cells[offset..offset + len];
-        // SAFETY: in bounds (the indexing above checked it); `UnsafeCell<u8>` has `u8`'s layout; no write
-        // overlaps the borrow (see the `Sync` impl: writes happen only while the migration is quiescent).
-        unsafe { std::slice::from_raw_parts(UnsafeCell::raw_get(cells.as_ptr()), len) }
+        self.check(offset, len);
+        // SAFETY: in bounds (checked above) of memory this value owns; no write overlaps the borrow
+        // (see the `Sync` impl: writes happen only while the migration is quiescent).
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset), len) }
     }
 
     /// Writes `data` at `offset` while every channel is idle (the guest "runs" between rounds).
     pub fn write(&self, _quiescent: &Quiescent<'_>, offset: usize, data: &[u8]) {
-        let cells = &self.cells[offset..offset + data.len()];
+        self.check(offset, data.len());
         // SAFETY: in bounds; the `Quiescent` token proves no worker reads guest memory now (see `Sync`).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), UnsafeCell::raw_get(cells.as_ptr()), data.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(offset), data.len()) }
     }
 
     /// The whole image, with exclusive access.
     pub fn as_bytes(&mut self) -> &[u8] {
-        // SAFETY: `&mut self` excludes every other access; same layout as above.
-        unsafe { std::slice::from_raw_parts(UnsafeCell::raw_get(self.cells.as_ptr()), self.cells.len()) }
+        // SAFETY: `&mut self` excludes every other access; the range is the whole image.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for GuestImage {
+    fn drop(&mut self) {
+        match self.backing {
+            Backing::Heap => {
+                let raw = std::ptr::slice_from_raw_parts_mut(self.base.as_ptr(), self.len);
+                // SAFETY: `base`/`len` came from `Box::into_raw` of a `Box<[u8]>` in `new`, and the
+                // box is rebuilt once, here.
+                drop(unsafe { Box::from_raw(raw) });
+            }
+            Backing::Map => {
+                // SAFETY: `base`/`len` is the mapping made in `map_file`, unmapped once, here.
+                unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+            }
+        }
     }
 }
 
@@ -94,7 +169,7 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
-    /// Loads `FILE[:NAME]` specs; a block's name defaults to the file stem.
+    /// Maps `FILE[:NAME]` specs (see [`GuestImage::map_file`]); a block's name defaults to the file stem.
     pub fn load(specs: &[String]) -> Result<Self, SendFailure> {
         let mut blocks = Vec::new();
         for spec in specs {
@@ -106,8 +181,8 @@ impl ImageSet {
                     (p, stem)
                 }
             };
-            let bytes = std::fs::read(&path).map_err(|err| SendFailure::Image { path: path.clone(), err })?;
-            blocks.push((name, GuestImage::new(bytes)));
+            let image = GuestImage::map_file(&path).map_err(|err| SendFailure::Image { path: path.clone(), err })?;
+            blocks.push((name, image));
         }
         Ok(Self { blocks })
     }
@@ -589,6 +664,9 @@ pub fn run_cli(connect: &str, channels: u8, images: &[String], machine: &str, uu
     let cancel = cancel_on_sigint();
     let opts = SendOptions { connect: addr, channels, uuid, machine: machine.to_owned(), page_size: 4096 };
     let mut embedder = StaticPrecopy::new(&blocks, opts.page_size);
+    // The moment the migration starts (images loaded, before connecting), for benchmarks.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    eprintln!("multifd send: connecting at unix time {:.6}", now.as_secs_f64());
     match migrate(&opts, &blocks, &mut embedder, cancel) {
         Ok(report) => {
             print!("{}", format_report(&report, opts.page_size, json));

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Whole-migration benchmark (BENCHMARKS.md, section "Send and whole migrations"); not part of
+# scripts/test-all.sh. A 1 GiB guest image (about 40% zero pages), channel counts 1 2 4, every
+# variant interleaved in each repetition after one unmeasured warm-up round:
+#   ours_fresh   multifd send -> multifd recv (two processes, loopback), fresh destination memory
+#   qemu_fresh   QEMU 10.0 source -> QEMU 10.0 destination (fresh memory-backend-ram)
+#   ours_pre     multifd send -> multifd recv --prealloc m0:1G (destination memory touched first)
+#   qemu_pre     QEMU source -> QEMU destination with prealloc=on
+#   send_qdest   multifd send -> QEMU destination with prealloc=on (compare with qemu_pre)
+#   iperf3       iperf3 over loopback with as many parallel streams as channels, 2 s
+# Time of a run: from the start of the migration (QEMU source: the `migrate` command; multifd send:
+# its "connecting at" timestamp, after it has loaded the image) to the destination having everything
+# (multifd recv: its "all pages received" timestamp, before it writes the block file; QEMU: its
+# query-migrate says completed, polled every 2 ms). multifd recv's block file is compared with the
+# image after every run (outside the timing); a run that fails is reported and left out of the medians.
+# Wire throughput = bytes multifd recv read from all connections / time.
+#
+# Usage: scripts/bench-migrate.sh [REPS] [CHANNELS...]    (defaults: 5 reps, channels 1 2 4)
+# Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+REPS="${1:-5}"
+shift || true
+CHANNELS="${*:-1 2 4}"
+MIB="${MULTIFD_BENCH_MIB:-1024}"
+WORK="${MULTIFD_BENCH_DIR:-/tmp/multifd-bench-migrate}"
+command -v iperf3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null
+cargo build --release --quiet -p multifd-std --bin multifd
+BIN="$(pwd)/target/release/multifd"
+mkdir -p "$WORK"
+echo "== $(qemu-system-x86_64 --version | head -n1); $(iperf3 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
+PYTHONPATH="$(pwd)/scripts" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
+import json, os, subprocess, sys, time
+from benchlib import (Recv, Runs, make_image, qemu_dest, qemu_source, run_send, same_file, send_started,
+                      start_migration)
+
+BIN, WORK, MIB, REPS = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+CHANNELS = [int(c) for c in sys.argv[5:]]
+IMAGE = os.path.join(WORK, "image.img")
+MIBF = float(1 << 20)
+
+
+def ours(ch, prealloc):
+    r = Recv(BIN, WORK, ch, MIB if prealloc else None)
+    s = run_send(BIN, r.port, ch, IMAGE)
+    t0 = send_started(s)
+    at, _, report = r.finish()
+    if not same_file(r.block_file(), IMAGE):
+        raise RuntimeError("the received block differs from the image")
+    os.unlink(r.block_file())
+    t = at - t0
+    return t, {"wire_MiB/s": report["bytes"] / MIBF / t}
+
+
+def qemu(ch, prealloc):
+    d, port = qemu_dest(WORK, MIB, ch, prealloc)
+    src = qemu_source(WORK, IMAGE, MIB, ch)
+    try:
+        t0 = start_migration(src, port)
+        t1 = d.wait_status("completed")
+        src.wait_status("completed")
+    finally:
+        src.stop()
+        d.stop()
+    return t1 - t0
+
+
+def send_qdest(ch):
+    d, port = qemu_dest(WORK, MIB, ch, True)
+    try:
+        s = run_send(BIN, port, ch, IMAGE)
+        t1 = d.wait_status("completed")
+        t0 = send_started(s)
+    finally:
+        d.stop()
+    return t1 - t0
+
+
+def iperf(ch):
+    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(IPERF_PORT), "-P", str(ch), "-t", "2", "-J"],
+                         capture_output=True, text=True, check=True).stdout
+    bps = json.loads(out)["end"]["sum_received"]["bits_per_second"]
+    return 0.0, {"MiB/s": bps / 8 / MIBF}
+
+
+make_image(IMAGE, MIB)
+IPERF_PORT = 5299
+server = subprocess.Popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(0.5)
+VARIANTS = [("ours_fresh", lambda c: ours(c, False)), ("qemu_fresh", lambda c: qemu(c, False)),
+            ("ours_pre", lambda c: ours(c, True)), ("qemu_pre", lambda c: qemu(c, True)),
+            ("send_qdest", send_qdest), ("iperf3", iperf)]
+runs = Runs()
+try:
+    warm = Runs()
+    for name, fn in VARIANTS:
+        warm.run("warm-up", CHANNELS[0], name, fn)
+    for rep in range(1, REPS + 1):
+        for ch in CHANNELS:
+            for name, fn in VARIANTS:
+                runs.run(rep, ch, name, fn)
+finally:
+    server.kill()
+
+m = runs.median
+print("\nMedians (seconds; ratio = ours / QEMU time):\n")
+print("| channels | send->recv fresh | QEMU->QEMU fresh | ratio (goal <= 0.5) | send->recv prealloc | "
+      "QEMU->QEMU prealloc | ratio (goal <= 0.8) | wire MiB/s | iperf3 MiB/s | wire/iperf3 (goal >= 0.8) | "
+      "send->QEMU dest | QEMU src->QEMU dest | ratio (goal <= 1.0) |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for ch in CHANNELS:
+    wire, ip = m("ours_pre", ch, "wire_MiB/s"), m("iperf3", ch, "MiB/s")
+    print(f"| {ch} | {m('ours_fresh', ch):.3f} | {m('qemu_fresh', ch):.3f} | "
+          f"{m('ours_fresh', ch) / m('qemu_fresh', ch):.2f} | {m('ours_pre', ch):.3f} | {m('qemu_pre', ch):.3f} | "
+          f"{m('ours_pre', ch) / m('qemu_pre', ch):.2f} | {wire:.0f} | {ip:.0f} | {wire / ip:.2f} | "
+          f"{m('send_qdest', ch):.3f} | {m('qemu_pre', ch):.3f} | {m('send_qdest', ch) / m('qemu_pre', ch):.2f} |")
+runs.report_failures()
+PY
