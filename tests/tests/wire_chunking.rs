@@ -73,3 +73,29 @@ fn real_main_streams_parse_the_same_in_any_chunking() {
     }
     assert!(checked >= 7, "expected the 7 golden captures, found {checked}");
 }
+
+/// QEMU's `timer` device section holds binary clock values, and it is usually section 0, whose
+/// footer is `7e 00 00 00 00`. Its payload may therefore contain the footer's bytes (a tick offset
+/// ending in 0x7e, followed by the all-zero middle field): the parser must skip it by its known
+/// length, not by searching for the footer. Every capture is parsed with the footer pattern written
+/// at every offset of the timer payload; the events must be those of the unmodified stream.
+#[test]
+fn a_footer_lookalike_inside_the_timer_section_is_skipped() {
+    let mut checked = 0;
+    for dir in std::fs::read_dir(wire_support::fixtures()).expect("fixtures") {
+        let dir = dir.expect("entry").path();
+        let main = wire_support::gunzip(&dir.join("main.bin.gz"));
+        let Some(name_at) = main.windows(6).position(|w| w == b"\x05timer") else { continue };
+        let payload = name_at + 6 + 8;
+        let whole = normalize(parse(&[&main]).unwrap_or_else(|e| panic!("{}: whole: {e}", dir.display())));
+        for at in 0..=24 - 5 {
+            let mut m = main.clone();
+            m[payload..payload + 24].fill(0);
+            m[payload + at] = 0x7e;
+            let got = parse(&[&m]).unwrap_or_else(|e| panic!("{}: lookalike at payload byte {at}: {e}", dir.display()));
+            assert_eq!(normalize(got), whole, "{}: lookalike at payload byte {at}", dir.display());
+        }
+        checked += 1;
+    }
+    assert!(checked >= 7, "expected the 7 golden captures to have a timer section, found {checked}");
+}

@@ -287,6 +287,13 @@ pub enum StreamError {
         /// Command id.
         cmd: u16,
     },
+    /// A device section of known length is not followed by its footer.
+    MissingFooter {
+        /// The section's id.
+        section: u32,
+        /// The byte found where the footer marker (0x7e) belongs.
+        found: u8,
+    },
     /// Bytes after the end of the stream.
     TrailingData {
         /// The first such byte.
@@ -336,6 +343,12 @@ impl fmt::Display for StreamError {
             ),
             StreamError::ZeroPageFill { value } => write!(f, "zero-page record has fill byte {value:#04x}, expected 0"),
             StreamError::UnsupportedCommand { cmd } => write!(f, "command {cmd} is not supported"),
+            StreamError::MissingFooter { section, found } => {
+                write!(
+                    f,
+                    "section {section}: expected its footer (0x7e) after its fixed-length payload, found {found:#04x}"
+                )
+            }
             StreamError::TrailingData { byte } => write!(f, "data after the end of the stream (byte {byte:#04x})"),
             StreamError::Truncated { need } => write!(f, "stream ends inside an item ({need} more bytes needed)"),
             StreamError::BadPageSize { page_size } => {
@@ -371,6 +384,8 @@ enum State {
     CommandHeader,
     CommandData { left: u16 },
     Skip { id: u32, matched: u8, bytes: u64 },
+    SkipFixed { id: u32, left: u32, total: u32 },
+    ExpectFooter { id: u32 },
     AfterEof,
     VmDescLen,
     VmDescData { left: u32 },
@@ -457,6 +472,7 @@ impl StreamParser {
             State::PageData { at, .. } => u64::from(self.cfg.page_size - at),
             State::CommandData { left } => u64::from(left),
             State::VmDescData { left } => u64::from(left),
+            State::SkipFixed { left, .. } => u64::from(left),
             State::Skip { .. } | State::AfterEof | State::Done => 1,
             s => (Self::fixed_len(s) - self.have) as u64,
         }
@@ -482,11 +498,13 @@ impl StreamParser {
             | State::BlockNameLen { .. }
             | State::ZeroByte { .. }
             | State::ListNameLen { .. }
+            | State::ExpectFooter { .. }
             | State::AfterEof => 1,
             // Streaming states never gather into scratch.
             State::PageData { .. }
             | State::CommandData { .. }
             | State::Skip { .. }
+            | State::SkipFixed { .. }
             | State::VmDescData { .. }
             | State::Done => 0,
         }
@@ -591,6 +609,16 @@ impl StreamParser {
                 self.state = State::Skip { id, matched, bytes };
                 return Ok((input.len(), None));
             }
+            State::SkipFixed { id, left, total } => {
+                let n = (left as usize).min(input.len());
+                let left = left - n as u32;
+                if left > 0 {
+                    self.state = State::SkipFixed { id, left, total };
+                    return Ok((n, None));
+                }
+                self.state = State::ExpectFooter { id };
+                return Ok((n, Some(Pending::SectionSkipped { id, bytes: u64::from(total) })));
+            }
             State::Done => return Err(StreamError::TrailingData { byte: input[0] }),
             _ => {}
         }
@@ -676,6 +704,8 @@ impl StreamParser {
                     }
                     self.ram_section = Some(id);
                     State::RamRecord
+                } else if let Some(len) = fixed_section_len(&s[..l], version) {
+                    if len == 0 { State::ExpectFooter { id } } else { State::SkipFixed { id, left: len, total: len } }
                 } else {
                     State::Skip { id, matched: 0, bytes: 0 }
                 }
@@ -761,6 +791,12 @@ impl StreamParser {
                 ev = Some(Pending::Command { cmd, len });
                 if len == 0 { State::SectionType } else { State::CommandData { left: len } }
             }
+            State::ExpectFooter { id } => {
+                if s[0] != section::FOOTER {
+                    return Err(StreamError::MissingFooter { section: id, found: s[0] });
+                }
+                State::FooterId
+            }
             State::AfterEof => {
                 if s[0] != section::VMDESCRIPTION {
                     return Err(StreamError::TrailingData { byte: s[0] });
@@ -775,6 +811,7 @@ impl StreamParser {
             State::PageData { .. }
             | State::CommandData { .. }
             | State::Skip { .. }
+            | State::SkipFixed { .. }
             | State::VmDescData { .. }
             | State::Done => {
                 // `step` handles the streaming states before gathering; never reached.
@@ -802,6 +839,19 @@ impl StreamParser {
             section::COMMAND => State::CommandHeader,
             found => return Err(StreamError::UnknownSectionType { found }),
         })
+    }
+}
+
+/// Payload length of device sections whose layout is fixed and known, so they are skipped by length
+/// rather than by searching for their footer. This matters for sections holding arbitrary binary
+/// values: QEMU's `timer` section (version 2: `cpu_ticks_offset`, a zero, `cpu_clock_offset`, 8 bytes
+/// each) is usually section 0, whose footer is `7e 00 00 00 00`; a tick offset whose low byte is 0x7e
+/// followed by the zero field looks exactly like that footer (about one run in 256), and a search
+/// would end the section early and misread the rest of the stream.
+fn fixed_section_len(name: &[u8], version: u32) -> Option<u32> {
+    match (name, version) {
+        (b"timer", 2) => Some(24),
+        _ => None,
     }
 }
 
