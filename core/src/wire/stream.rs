@@ -1197,7 +1197,7 @@ mod tests {
             Record::MultifdFlush,
             Record::Eos,
             Record::Footer { section_id: 1 },
-            Record::SectionStart { full: true, section_id: 9, name: b"timer", instance_id: 0, version_id: 2 },
+            Record::SectionStart { full: true, section_id: 9, name: b"dev", instance_id: 0, version_id: 2 },
             Record::Raw { bytes: &body },
             Record::Footer { section_id: 9 },
             Record::Eof,
@@ -1229,7 +1229,7 @@ mod tests {
             Ev::Flush,
             Ev::Eos,
             Ev::Footer(1),
-            Ev::Start(9, b"timer".to_vec()),
+            Ev::Start(9, b"dev".to_vec()),
             Ev::Skipped(9, 10),
             Ev::Eof,
             Ev::Desc(b"{\"page_size\":4096}".to_vec()),
@@ -1237,6 +1237,43 @@ mod tests {
         for chunk in [1, 2, 3, 7, 100, 4097, stream.len()] {
             assert_eq!(parse(&stream, chunk).as_ref(), Ok(&expected), "chunk {chunk}");
         }
+    }
+
+    /// A stream whose only device section is QEMU's `timer` (version 2) with `payload`.
+    fn with_timer(payload: &[u8]) -> Vec<u8> {
+        let recs = [
+            Record::FileHeader,
+            Record::Configuration { machine: b"none" },
+            Record::SectionStart { full: true, section_id: 0, name: b"timer", instance_id: 0, version_id: 2 },
+            Record::Raw { bytes: payload },
+            Record::Footer { section_id: 0 },
+            Record::Eof,
+        ];
+        emit(&recs, &[])
+    }
+
+    #[test]
+    fn the_timer_section_is_skipped_by_length_even_when_it_holds_a_footer_lookalike() {
+        // Tick offset ending in 0x7e, then the zero field: the bytes of section 0's footer.
+        let mut payload = [0u8; 24];
+        payload[7] = 0x7e;
+        let expected = std::vec![
+            Ev::Config(b"none".to_vec()),
+            Ev::Start(0, b"timer".to_vec()),
+            Ev::Skipped(0, 24),
+            Ev::Footer(0),
+            Ev::Eof,
+        ];
+        for chunk in [1, 5, 9, 64] {
+            assert_eq!(parse(&with_timer(&payload), chunk).as_ref(), Ok(&expected), "chunk {chunk}");
+        }
+        // A timer payload of another length is an error naming the section and the byte found.
+        let short = with_timer(&payload[..23]);
+        assert!(
+            matches!(parse(&short, 64), Err((StreamError::MissingFooter { section: 0, found: 0 }, _))),
+            "{:?}",
+            parse(&short, 64)
+        );
     }
 
     #[test]
