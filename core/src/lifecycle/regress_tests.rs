@@ -11,9 +11,9 @@
 
 use super::*;
 use crate::sync::{AtomicBool, AtomicU32, Ordering};
+use core::time::Duration;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
 use std::vec::Vec;
 
 const CAP: usize = 8;
