@@ -995,6 +995,9 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
 #[cfg(test)]
 mod tests;
 
+#[cfg(all(test, not(loom)))]
+mod regress_tests;
+
 /// Test helpers shared by the core's modules.
 #[cfg(test)]
 pub(crate) mod testing {

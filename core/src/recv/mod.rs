@@ -614,3 +614,6 @@ impl RecvChannel {
 
 #[cfg(all(test, not(loom)))]
 mod tests;
+
+#[cfg(all(test, not(loom)))]
+mod regress_tests;
