@@ -223,8 +223,9 @@ pub enum Failure {
         /// The limit (`--max-ram`).
         limit: u64,
     },
-    /// A channel closed inside a packet (the core's error says where).
-    ClosedMidPacket(RecvError),
+    /// The sender closed a channel inside a packet, or the main stream inside a record (the core's
+    /// error says where).
+    ClosedInside(RecvError),
 }
 
 impl fmt::Display for Failure {
@@ -273,11 +274,8 @@ impl fmt::Display for Failure {
                 f,
                 "{place}: declares {size} bytes, {total} bytes of RAM in all, above the limit of {limit} bytes (--max-ram)"
             ),
-            Failure::ClosedMidPacket(e) => {
-                write!(
-                    f,
-                    "{e}: the sender closed the connection mid-packet (migration aborted by the peer or connection cut)"
-                )
+            Failure::ClosedInside(e) => {
+                write!(f, "{e}: closed by the sender (migration aborted by the peer or connection cut)")
             }
         }
     }
@@ -508,9 +506,9 @@ impl MainReader<'_> {
                 let n = read_retry(self.stream, &mut self.buf, self.bytes)
                     .map_err(|error| io_failure(Place::Main, "reading", error, self.io_timeout))?;
                 if n == 0 {
-                    self.parser
-                        .finish()
-                        .map_err(|error| RecvError::MainStream { position: self.parser.position(), error })?;
+                    self.parser.finish().map_err(|error| {
+                        Failure::ClosedInside(RecvError::MainStream { position: self.parser.position(), error })
+                    })?;
                     return Ok(false);
                 }
                 // Relaxed: a progress counter.
@@ -775,12 +773,8 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant)
     let mut sum = 0u64;
     let stopped = reader.pump(|ev| {
         match *ev {
-            Event::RamTotal { total: t } => {
-                if t > limits.max_ram {
-                    return Err(Failure::TooMuchRam { place: Place::Main, size: t, total: t, limit: limits.max_ram });
-                }
-                total = Some(t);
-            }
+            // The declared total sizes nothing; the blocks are checked against the limit one by one.
+            Event::RamTotal { total: t } => total = Some(t),
             Event::BlockDeclared { name, used_length } => {
                 // Checked as each block arrives: nothing is kept or mapped for a list past the limits.
                 let place = || Place::Block(String::from_utf8_lossy(name).into_owned());
@@ -1156,7 +1150,7 @@ fn run_channel(
                 return Ok(());
             }
             return ch.finish().map_err(|e| match e {
-                RecvError::Truncated { .. } => Failure::ClosedMidPacket(e),
+                RecvError::Truncated { .. } => Failure::ClosedInside(e),
                 e => Failure::from(e),
             });
         }
