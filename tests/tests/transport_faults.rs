@@ -611,7 +611,7 @@ fn send_channel_reset_mid_packet() {
             fault_on_channel_1(l, |mut c| {
                 read_n(&mut c, header_len() + 1000);
                 reset(c);
-            })
+            });
         });
         assert!(err.contains("channel 1") && says_closed(&err), "{err}");
         assert!(took < Duration::from_secs(10), "{took:?}");
@@ -626,7 +626,7 @@ fn send_destination_ends_inside_a_header() {
                 read_n(&mut c, 20);
                 c.shutdown(Shutdown::Both).unwrap();
                 drop(c);
-            })
+            });
         });
         assert!(err.contains("channel 1") && says_closed(&err), "{err}");
         assert!(took < Duration::from_secs(10), "{took:?}");
@@ -641,7 +641,7 @@ fn send_destination_ends_inside_page_data() {
                 read_n(&mut c, header_len() + 3 * PAGE + 17);
                 c.shutdown(Shutdown::Both).unwrap();
                 drop(c);
-            })
+            });
         });
         assert!(err.contains("channel 1") && says_closed(&err), "{err}");
         assert!(took < Duration::from_secs(10), "{took:?}");
@@ -657,7 +657,7 @@ fn send_garbage_from_the_destination_after_the_init_packet() {
                 c.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n").unwrap();
                 let mut buf = vec![0u8; 1 << 16];
                 while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
-            })
+            });
         });
         assert!(
             err.contains(
