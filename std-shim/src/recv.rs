@@ -503,7 +503,8 @@ impl MainReader<'_> {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-                let n = read_retry(self.stream, &mut self.buf, self.bytes)
+                let stall = Stall { total: self.bytes, limit: self.io_timeout };
+                let n = read_retry(self.stream, &mut self.buf, stall)
                     .map_err(|error| io_failure(Place::Main, "reading", error, self.io_timeout))?;
                 if n == 0 {
                     self.parser.finish().map_err(|error| {
@@ -543,27 +544,56 @@ fn io_failure(place: Place, doing: &'static str, error: io::Error, io_timeout: O
     }
 }
 
-/// Whether a read that timed out should wait again: only if some connection received bytes since
-/// `seen` (the shared byte counter when the read began), which it then updates. So a read gives up
-/// only after a whole io timeout in which nothing arrived anywhere: a connection may idle while the
-/// others carry the migration (a long round, a channel parked at a SYNC).
-fn progressed(total: &AtomicU64, seen: &mut u64) -> bool {
-    // Relaxed: a progress counter; only whether it moved matters.
-    let now = total.load(Ordering::Relaxed);
-    let moved = now != *seen;
-    *seen = now;
-    moved
+/// Stall detection shared by every connection: sockets get a read timeout of a slice of the io
+/// timeout ([`poll_slice`]), and a read that times out is tried again unless no byte arrived on
+/// any connection for the whole io timeout. So a connection may idle while the others carry the
+/// migration (a long round, a channel parked at a SYNC), and a stall is noticed within a slice of
+/// the io timeout after the last byte.
+#[derive(Clone, Copy)]
+struct Stall<'a> {
+    /// Bytes received on all connections.
+    total: &'a AtomicU64,
+    /// The io timeout (`None`: sockets have no timeout, reads wait for ever).
+    limit: Option<Duration>,
 }
 
-/// Reads into `buf`, retrying interrupted reads and timed-out reads while the migration progresses
-/// elsewhere (see [`progressed`]).
-fn read_retry(mut s: &TcpStream, buf: &mut [u8], total: &AtomicU64) -> io::Result<usize> {
-    // Relaxed: as in `progressed`.
-    let mut seen = total.load(Ordering::Relaxed);
+/// What one read last saw of the shared byte counter, and since when.
+struct Watch {
+    seen: u64,
+    since: Instant,
+}
+
+impl Stall<'_> {
+    fn watch(&self) -> Watch {
+        // Relaxed: a progress counter; only whether it moved matters.
+        Watch { seen: self.total.load(Ordering::Relaxed), since: Instant::now() }
+    }
+
+    /// After a read timed out: whether to read again.
+    fn again(&self, w: &mut Watch) -> bool {
+        // Relaxed: as in `watch`.
+        let now = self.total.load(Ordering::Relaxed);
+        if now != w.seen {
+            w.seen = now;
+            w.since = Instant::now();
+            return true;
+        }
+        self.limit.is_none_or(|l| w.since.elapsed() < l)
+    }
+}
+
+/// The socket timeout for an io timeout: a quarter of it, at least 10 ms.
+fn poll_slice(limit: Option<Duration>) -> Option<Duration> {
+    limit.map(|l| (l / 4).max(Duration::from_millis(10)))
+}
+
+/// Reads into `buf`, retrying interrupted reads and timed-out reads as [`Stall`] says.
+fn read_retry(mut s: &TcpStream, buf: &mut [u8], stall: Stall<'_>) -> io::Result<usize> {
+    let mut w = stall.watch();
     loop {
         match s.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if timed_out(&e) && progressed(total, &mut seen) => continue,
+            Err(e) if timed_out(&e) && stall.again(&mut w) => continue,
             other => return other,
         }
     }
@@ -573,9 +603,8 @@ fn read_retry(mut s: &TcpStream, buf: &mut [u8], total: &AtomicU64) -> io::Resul
 const MAX_IOV: usize = 512;
 
 /// Reads into the guest ranges of `iov` with `readv(2)`; retries as [`read_retry`] does.
-fn readv_raw(fd: i32, iov: &[libc::iovec], total: &AtomicU64) -> io::Result<usize> {
-    // Relaxed: as in `progressed`.
-    let mut seen = total.load(Ordering::Relaxed);
+fn readv_raw(fd: i32, iov: &[libc::iovec], stall: Stall<'_>) -> io::Result<usize> {
+    let mut w = stall.watch();
     loop {
         // SAFETY: every iovec points at a guest page range from `GuestMemory::raw_range`, valid for
         // `iov_len` bytes of writes; the kernel writes them, no Rust reference covers them. The count
@@ -585,7 +614,7 @@ fn readv_raw(fd: i32, iov: &[libc::iovec], total: &AtomicU64) -> io::Result<usiz
             return Ok(n as usize);
         }
         let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted && !(timed_out(&e) && progressed(total, &mut seen)) {
+        if e.kind() != io::ErrorKind::Interrupted && !(timed_out(&e) && stall.again(&mut w)) {
             return Err(e);
         }
     }
@@ -653,22 +682,33 @@ fn accept_all(listener: &TcpListener, opts: &Options, limits: &Limits) -> Result
         }
         let setup = |error| Failure::Io { place: place.clone(), doing: "setting up the socket", error };
         stream.set_nonblocking(false).map_err(setup)?;
-        stream.set_read_timeout(limits.io_timeout).map_err(setup)?;
+        stream.set_read_timeout(poll_slice(limits.io_timeout)).map_err(setup)?;
         let _ = stream.set_nodelay(true);
         let mut first = [0u8; 4];
         let ident_start = Instant::now();
+        let stalled = || {
+            limits.io_timeout.filter(|&waited| ident_start.elapsed() >= waited).map(|waited| Failure::Stalled {
+                place: place.clone(),
+                doing: "identifying the connection",
+                waited,
+            })
+        };
         let have = loop {
-            let got = stream
-                .peek(&mut first)
-                .map_err(|error| io_failure(place.clone(), "identifying the connection", error, limits.io_timeout))?;
+            let got = match stream.peek(&mut first) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if timed_out(&e) => match stalled() {
+                    Some(f) => return Err(f),
+                    None => continue,
+                },
+                Err(error) => return Err(Failure::Io { place, doing: "identifying the connection", error }),
+            };
             if got == 0 || got == 4 {
                 break got;
             }
             // A few bytes, then silence: give up after the io timeout as a blocking read would.
-            if let Some(waited) = limits.io_timeout
-                && ident_start.elapsed() >= waited
-            {
-                return Err(Failure::Stalled { place, doing: "identifying the connection", waited });
+            if let Some(f) = stalled() {
+                return Err(f);
             }
             std::thread::sleep(Duration::from_millis(1));
         };
@@ -684,9 +724,18 @@ fn accept_all(listener: &TcpListener, opts: &Options, limits: &Limits) -> Result
             }
             ChannelKind::Multifd => {
                 let mut init = [0u8; INIT_PACKET_LEN];
-                (&stream)
-                    .read_exact(&mut init)
-                    .map_err(|error| io_failure(place.clone(), "reading the init packet", error, limits.io_timeout))?;
+                // Nothing else is read yet: the counter stays still, so the io timeout counts from here.
+                let still = AtomicU64::new(0);
+                let stall = Stall { total: &still, limit: limits.io_timeout };
+                let mut have = 0;
+                while have < INIT_PACKET_LEN {
+                    let doing = "reading the init packet";
+                    match read_retry(&stream, &mut init[have..], stall) {
+                        Ok(0) => return Err(Failure::ClosedEarly { place, have: have + 4 }),
+                        Ok(n) => have += n,
+                        Err(error) => return Err(io_failure(place, doing, error, limits.io_timeout)),
+                    }
+                }
                 let packet =
                     InitPacket::decode(&init).map_err(|error| Failure::Handshake { place: place.clone(), error })?;
                 packet
@@ -1093,18 +1142,19 @@ fn run_channel(
     let id = ch.id();
     let fd = stream.as_raw_fd();
     let io_err = |error| io_failure(Place::Channel(id), "reading", error, io_timeout);
+    let stall = Stall { total, limit: io_timeout };
     let mut scratch = [0u8; 16 * 1024];
     let mut ranges = [PageRange::EMPTY; MAX_IOV];
     loop {
         let n = match ch.want() {
-            Want::Header(buf) => read_retry(stream, buf, total).map_err(io_err)?,
+            Want::Header(buf) => read_retry(stream, buf, stall).map_err(io_err)?,
             Want::Page { block, offset, len, .. } => {
                 let Some(b) = table.get(block) else { return Ok(()) };
                 // SAFETY: `offset..offset + len` lies inside the block (the core checked the page
                 // against the used length); the pointer is only handed to `read(2)`.
                 if unsafe { b.memory().raw_range(offset, len) }.is_none() {
                     let k = len.min(scratch.len());
-                    let got = read_retry(stream, &mut scratch[..k], total).map_err(io_err)?;
+                    let got = read_retry(stream, &mut scratch[..k], stall).map_err(io_err)?;
                     b.memory().write(offset, &scratch[..got]);
                     got
                 } else {
@@ -1119,7 +1169,7 @@ fn run_channel(
                         iov[used] = libc::iovec { iov_base: ptr.as_ptr().cast(), iov_len: r.len };
                         used += 1;
                     }
-                    let n = readv_raw(fd, &iov[..used], total).map_err(io_err)?;
+                    let n = readv_raw(fd, &iov[..used], stall).map_err(io_err)?;
                     if n == 0 {
                         0
                     } else {
@@ -1132,7 +1182,7 @@ fn run_channel(
             }
             Want::Discard(len) => {
                 let k = len.min(scratch.len());
-                read_retry(stream, &mut scratch[..k], total).map_err(io_err)?
+                read_retry(stream, &mut scratch[..k], stall).map_err(io_err)?
             }
             Want::Sync => {
                 let epoch = ch.stats().syncs;

@@ -419,7 +419,7 @@ impl MainSink for MainStream<'_> {
     type Error = SendFailure;
     fn write(&mut self, bytes: &[u8]) -> Result<(), SendFailure> {
         let what = || "main stream".to_owned();
-        write_all_vectored(self.stream, &mut [IoSlice::new(bytes)], self.written).map_err(|err| {
+        write_all_vectored(self.stream, &mut [IoSlice::new(bytes)], self.written, self.io_timeout).map_err(|err| {
             match self.io_timeout {
                 Some(waited) if timed_out(&err) => SendFailure::Stalled { what: what(), packet_num: None, waited },
                 _ => SendFailure::Main(err),
@@ -468,17 +468,24 @@ fn connect(addr: SocketAddr, what: String, limits: &SendLimits) -> Result<TcpStr
         }
     })?;
     s.set_nodelay(true).map_err(|err| SendFailure::Connect { what: what.clone(), addr, err })?;
-    s.set_write_timeout(limits.io_timeout).map_err(|err| SendFailure::Connect { what, addr, err })?;
+    let slice = limits.io_timeout.map(|l| (l / 4).max(Duration::from_millis(10)));
+    s.set_write_timeout(slice).map_err(|err| SendFailure::Connect { what, addr, err })?;
     Ok(s)
 }
 
 /// Writes all of `bufs` with vectored writes, counting the bytes in `written` (shared by every
-/// connection). A write that times out is retried while bytes went out on some connection since
-/// the last try, so it gives up only after a whole io timeout in which the destination took
-/// nothing anywhere.
-fn write_all_vectored(mut s: &TcpStream, mut bufs: &mut [IoSlice<'_>], written: &AtomicU64) -> io::Result<()> {
+/// connection). Sockets have a write timeout of a quarter of the io timeout; a write that times out
+/// is tried again unless the destination took no byte on any connection for the whole io timeout.
+/// So one connection may wait while others move, and a stall is noticed soon after the io timeout.
+fn write_all_vectored(
+    mut s: &TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    written: &AtomicU64,
+    io_timeout: Option<Duration>,
+) -> io::Result<()> {
     // Relaxed: a progress counter; only whether it moved matters.
     let mut seen = written.load(Ordering::Relaxed);
+    let mut since = Instant::now();
     while !bufs.is_empty() {
         match s.write_vectored(bufs) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
@@ -491,10 +498,12 @@ fn write_all_vectored(mut s: &TcpStream, mut bufs: &mut [IoSlice<'_>], written: 
             Err(e) if timed_out(&e) => {
                 // Relaxed: as above.
                 let now = written.load(Ordering::Relaxed);
-                if now == seen {
+                if now != seen {
+                    seen = now;
+                    since = Instant::now();
+                } else if io_timeout.is_some_and(|l| since.elapsed() >= l) {
                     return Err(e);
                 }
-                seen = now;
             }
             Err(e) => return Err(e),
         }
@@ -563,7 +572,7 @@ pub fn migrate_with<P: Precopy + ?Sized>(
                 let bytes = slices.iter().map(|s| s.len()).sum();
                 pace.take(bytes, || engine_ref.lifecycle().is_quitting());
             }
-            if let Err(err) = write_all_vectored(&stream, &mut slices, &written) {
+            if let Err(err) = write_all_vectored(&stream, &mut slices, &written, limits.io_timeout) {
                 let what = format!("channel {}", id.0);
                 let failure = match limits.io_timeout {
                     Some(waited) if timed_out(&err) => {
