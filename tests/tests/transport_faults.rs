@@ -299,7 +299,7 @@ fn recv_stalled_channel_times_out() {
             let _c1 = connect(port, &c1[..64 + 30]);
             wait_all_accepted(port);
             // Held open (and silent) until the receiver gave up.
-            std::thread::sleep(Duration::from_millis(2500));
+            std::thread::sleep(Duration::from_millis(2000));
         });
         assert_recv_failed(
             "r-stall",
@@ -320,7 +320,7 @@ fn recv_stalled_main_stream_times_out() {
             let _main = connect(port, &m[..m.len() - 5]);
             let _c0 = connect(port, &init(0));
             let _c1 = connect(port, &init(1));
-            std::thread::sleep(Duration::from_millis(2500));
+            std::thread::sleep(Duration::from_millis(2000));
         });
         assert_recv_failed("r-stall-main", &r, &["main stream: stalled", "--io-timeout"], Duration::from_secs(6));
     });
@@ -333,7 +333,7 @@ fn recv_stalled_handshake_times_out() {
     with_deadline(30, "recv_stalled_handshake_times_out", || {
         let r = recv_fault("r-stall-ident", 2, &short_limits(), |port| {
             let _c = connect(port, &[0x11, 0x22]);
-            std::thread::sleep(Duration::from_millis(2500));
+            std::thread::sleep(Duration::from_millis(2000));
         });
         assert_recv_failed(
             "r-stall-ident",
@@ -386,7 +386,7 @@ fn recv_channel_that_never_arrives_is_named() {
             let _main = connect(port, &main_stream(true));
             let _c0 = connect(port, &init(0));
             let _c2 = connect(port, &init(2));
-            std::thread::sleep(Duration::from_millis(2000));
+            std::thread::sleep(Duration::from_millis(1600));
         });
         assert_recv_failed(
             "r-missing",
@@ -397,7 +397,7 @@ fn recv_channel_that_never_arrives_is_named() {
         let r = recv_fault("r-missing-main", 2, &short_limits(), |port| {
             let _c0 = connect(port, &init(0));
             let _c1 = connect(port, &init(1));
-            std::thread::sleep(Duration::from_millis(2000));
+            std::thread::sleep(Duration::from_millis(1600));
         });
         assert_recv_failed("r-missing-main", &r, &["main stream never connected"], Duration::from_secs(6));
     });
@@ -676,7 +676,8 @@ fn send_stalled_destination_times_out() {
     with_deadline(60, "send_stalled_destination_times_out", || {
         let (err, took) = send_fault("s-stall", listen(), |l| {
             let conns: Vec<Conn> = (0..3).map(|_| accept_one(&l)).collect();
-            std::thread::sleep(Duration::from_secs(5));
+            // Held (unread) past the sender's 1 s io timeout.
+            std::thread::sleep(Duration::from_millis(2500));
             drop(conns);
         });
         assert!(
@@ -737,7 +738,7 @@ fn send_channel_that_never_connects_times_out() {
     with_deadline(60, "send_channel_that_never_connects_times_out", || {
         let (err, took) = send_fault("s-missing", listen_backlog_zero(), |l| {
             // Nothing is accepted: the main stream fills the one-entry queue.
-            std::thread::sleep(Duration::from_secs(3));
+            std::thread::sleep(Duration::from_millis(1800));
             drop(l);
         });
         assert!(
