@@ -750,17 +750,23 @@ fn send_channel_that_never_connects_times_out() {
     });
 }
 
-/// The destination closes its listener after the main stream: the channel's connect is refused.
+/// The destination closes its listener after accepting the main stream: a channel's connect is
+/// refused, or, when it was already queued, the channel is reset once the listener is gone. Which
+/// channel fails first depends on how many connects the kernel queued before the close; the error
+/// names it.
 #[test]
-fn send_channel_connect_refused() {
-    with_deadline(60, "send_channel_connect_refused", || {
-        let (err, _) = send_fault("s-refused", listen(), |l| {
+fn send_channel_refused_by_the_destination() {
+    with_deadline(60, "send_channel_refused_by_the_destination", || {
+        let (err, took) = send_fault("s-refused", listen(), |l| {
             let (m, _) = l.accept().unwrap();
             drop(l);
             std::thread::sleep(Duration::from_millis(500));
             drop(m);
         });
-        assert!(err.contains("channel 0: connect to 127.0.0.1:") && err.contains("refused"), "{err}");
+        let named = err.strip_prefix("channel ").and_then(|r| r.split(':').next()).and_then(|n| n.parse::<u8>().ok());
+        assert!(named.is_some_and(|n| n < 2), "{err}");
+        assert!(err.contains("refused") || err.contains("reset"), "{err}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
     });
 }
 
