@@ -57,6 +57,49 @@ pub struct Options {
     pub progress: bool,
 }
 
+/// How long, after the first connection, the others may take to arrive, by default.
+pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long no byte may arrive on any connection before the migration is failed as stalled, by default.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time and size limits of `multifd recv`. Kept apart from [`Options`] so that code building
+/// `Options` field by field keeps compiling; [`run`] uses [`Limits::default`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// How long, counted from the first accepted connection, the main stream and every channel may
+    /// take to connect and identify themselves. `None`: no limit. Before the first connection the
+    /// receiver waits without limit (the source may start its migration at any time).
+    pub accept_timeout: Option<Duration>,
+    /// How long a read may wait while no byte arrives on any connection; then the migration fails
+    /// as stalled, naming the connection whose read gave up. `None`: no limit.
+    pub io_timeout: Option<Duration>,
+    /// Most bytes of RAM the source's block list may declare, in total: what the receiver maps and
+    /// sizes its bitmaps after is bounded by this, never by the peer alone.
+    pub max_ram: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            accept_timeout: Some(DEFAULT_ACCEPT_TIMEOUT),
+            io_timeout: Some(DEFAULT_IO_TIMEOUT),
+            max_ram: physical_ram(),
+        }
+    }
+}
+
+/// Bytes of physical RAM of this machine (`u64::MAX` if the system does not say).
+pub fn physical_ram() -> u64 {
+    // SAFETY: `sysconf` only reads system configuration; any argument is allowed.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages <= 0 || size <= 0 { u64::MAX } else { (pages as u64).saturating_mul(size as u64) }
+}
+
+/// A duration in seconds for messages: whole seconds without decimals.
+fn secs(d: Duration) -> String {
+    if d.subsec_nanos() == 0 { format!("{} s", d.as_secs()) } else { format!("{:.3} s", d.as_secs_f64()) }
+}
+
 /// Where a failure happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Place {
@@ -151,6 +194,38 @@ pub enum Failure {
         /// How many.
         count: u8,
     },
+    /// Connections still missing when the accept timeout ran out.
+    NeverConnected {
+        /// Whether the main stream is among them.
+        main: bool,
+        /// The ids of the channels that never connected.
+        channels: Vec<u8>,
+        /// The accept timeout.
+        waited: Duration,
+    },
+    /// No byte arrived on any connection for the io timeout while this one was read.
+    Stalled {
+        /// The connection whose read gave up.
+        place: Place,
+        /// What was being read.
+        doing: &'static str,
+        /// The io timeout.
+        waited: Duration,
+    },
+    /// The block list declares more RAM than the limit allows.
+    TooMuchRam {
+        /// The block that crossed the limit (or the main stream, for its declared total).
+        place: Place,
+        /// Bytes it declares.
+        size: u64,
+        /// Bytes declared so far, this one included.
+        total: u64,
+        /// The limit (`--max-ram`).
+        limit: u64,
+    },
+    /// The sender closed a channel inside a packet, or the main stream inside a record (the core's
+    /// error says where).
+    ClosedInside(RecvError),
 }
 
 impl fmt::Display for Failure {
@@ -164,7 +239,10 @@ impl fmt::Display for Failure {
             }
             Failure::Engine(e) => write!(f, "{e}"),
             Failure::BlockList { place, reason } => write!(f, "{place}: {reason}"),
-            Failure::MainNoEof => write!(f, "main stream: ended without its EOF record"),
+            Failure::MainNoEof => write!(
+                f,
+                "main stream: closed by the sender before its EOF record (migration aborted by the peer or connection cut)"
+            ),
             Failure::Incomplete { place, received, pages } => {
                 write!(f, "{place}: only {received} of {pages} pages were received")
             }
@@ -174,6 +252,31 @@ impl fmt::Display for Failure {
                 markers + 1
             ),
             Failure::WorkerPanicked { count } => write!(f, "{count} channel worker(s) panicked"),
+            Failure::NeverConnected { main, channels, waited } => {
+                let mut missing: Vec<String> = Vec::new();
+                if *main {
+                    missing.push("main stream".into());
+                }
+                missing.extend(channels.iter().map(|c| format!("channel {c}")));
+                write!(
+                    f,
+                    "{} never connected: still missing {} after the first connection (--accept-timeout)",
+                    missing.join(", "),
+                    secs(*waited)
+                )
+            }
+            Failure::Stalled { place, doing, waited } => write!(
+                f,
+                "{place}: stalled: no data arrived on any connection for {} while {doing} (--io-timeout)",
+                secs(*waited)
+            ),
+            Failure::TooMuchRam { place, size, total, limit } => write!(
+                f,
+                "{place}: declares {size} bytes, {total} bytes of RAM in all, above the limit of {limit} bytes (--max-ram)"
+            ),
+            Failure::ClosedInside(e) => {
+                write!(f, "{e}: closed by the sender (migration aborted by the peer or connection cut)")
+            }
         }
     }
 }
@@ -323,12 +426,8 @@ pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
     Ok(out)
 }
 
-/// Parses `NAME:SIZE` (size in bytes, or with a K/M/G/T suffix, binary units).
-pub fn parse_prealloc(s: &str) -> Result<(Vec<u8>, u64), String> {
-    let (name, size) = s.rsplit_once(':').ok_or_else(|| format!("--prealloc {s:?}: expected NAME:SIZE"))?;
-    if name.is_empty() {
-        return Err(format!("--prealloc {s:?}: empty block name"));
-    }
+/// Parses a byte count: digits with an optional K/M/G/T suffix (binary units, `B`/`iB` allowed).
+pub fn parse_bytes(size: &str) -> Result<u64, String> {
     let size = size.trim_end_matches("iB").trim_end_matches('B');
     let (digits, shift) = match size.as_bytes().last() {
         Some(b'K' | b'k') => (&size[..size.len() - 1], 10),
@@ -337,21 +436,43 @@ pub fn parse_prealloc(s: &str) -> Result<(Vec<u8>, u64), String> {
         Some(b'T' | b't') => (&size[..size.len() - 1], 40),
         _ => (size, 0),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("--prealloc {s:?}: bad size {digits:?}"))?;
-    let bytes =
-        n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("--prealloc {s:?}: size overflows"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("bad size {digits:?}"))?;
+    n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| "size overflows".to_owned())
+}
+
+/// Parses `NAME:SIZE` (size in bytes, or with a K/M/G/T suffix, binary units).
+pub fn parse_prealloc(s: &str) -> Result<(Vec<u8>, u64), String> {
+    let (name, size) = s.rsplit_once(':').ok_or_else(|| format!("--prealloc {s:?}: expected NAME:SIZE"))?;
+    if name.is_empty() {
+        return Err(format!("--prealloc {s:?}: empty block name"));
+    }
+    let bytes = parse_bytes(size).map_err(|e| format!("--prealloc {s:?}: {e}"))?;
     if bytes == 0 {
         return Err(format!("--prealloc {s:?}: size is zero"));
     }
     Ok((name.as_bytes().to_vec(), bytes))
 }
 
-/// Runs `multifd recv`; returns the report (its `error` is set on failure). Every thread it started
-/// has ended when it returns.
+/// Parses a timeout in seconds (fractions allowed); 0 means no limit (`None`).
+pub fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?}: a timeout is 0 (no limit) or a positive number of seconds"));
+    }
+    Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))
+}
+
+/// Runs `multifd recv` with the default [`Limits`]; returns the report (its `error` is set on
+/// failure). Every thread it started has ended when it returns.
 pub fn run(opts: &Options) -> Report {
+    run_with(opts, &Limits::default())
+}
+
+/// Runs `multifd recv` with `limits`; as [`run`].
+pub fn run_with(opts: &Options, limits: &Limits) -> Report {
     let mut report = Report::default();
     let start = Instant::now();
-    if let Err(e) = receive(opts, &mut report, start) {
+    if let Err(e) = receive(opts, limits, &mut report, start) {
         report.error = Some(e.to_string());
     }
     report.seconds = start.elapsed().as_secs_f64();
@@ -366,6 +487,7 @@ struct MainReader<'s> {
     end: usize,
     parser: StreamParser,
     bytes: &'s AtomicU64,
+    io_timeout: Option<Duration>,
 }
 
 /// What [`MainReader::pump`]'s callback asks for.
@@ -381,15 +503,13 @@ impl MainReader<'_> {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-                let n = read_retry(self.stream, &mut self.buf).map_err(|error| Failure::Io {
-                    place: Place::Main,
-                    doing: "reading",
-                    error,
-                })?;
+                let stall = Stall { total: self.bytes, limit: self.io_timeout };
+                let n = read_retry(self.stream, &mut self.buf, stall)
+                    .map_err(|error| io_failure(Place::Main, "reading", error, self.io_timeout))?;
                 if n == 0 {
-                    self.parser
-                        .finish()
-                        .map_err(|error| RecvError::MainStream { position: self.parser.position(), error })?;
+                    self.parser.finish().map_err(|error| {
+                        Failure::ClosedInside(RecvError::MainStream { position: self.parser.position(), error })
+                    })?;
                     return Ok(false);
                 }
                 // Relaxed: a progress counter.
@@ -411,10 +531,69 @@ impl MainReader<'_> {
     }
 }
 
-fn read_retry(mut s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+/// Whether `e` is a read or write that ran out of its socket timeout.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// The failure for an I/O error: a timed-out read is a stall, anything else an I/O error.
+fn io_failure(place: Place, doing: &'static str, error: io::Error, io_timeout: Option<Duration>) -> Failure {
+    match io_timeout {
+        Some(waited) if timed_out(&error) => Failure::Stalled { place, doing, waited },
+        _ => Failure::Io { place, doing, error },
+    }
+}
+
+/// Stall detection shared by every connection: sockets get a read timeout of a slice of the io
+/// timeout ([`poll_slice`]), and a read that times out is tried again unless no byte arrived on
+/// any connection for the whole io timeout. So a connection may idle while the others carry the
+/// migration (a long round, a channel parked at a SYNC), and a stall is noticed within a slice of
+/// the io timeout after the last byte.
+#[derive(Clone, Copy)]
+struct Stall<'a> {
+    /// Bytes received on all connections.
+    total: &'a AtomicU64,
+    /// The io timeout (`None`: sockets have no timeout, reads wait for ever).
+    limit: Option<Duration>,
+}
+
+/// What one read last saw of the shared byte counter, and since when.
+struct Watch {
+    seen: u64,
+    since: Instant,
+}
+
+impl Stall<'_> {
+    fn watch(&self) -> Watch {
+        // Relaxed: a progress counter; only whether it moved matters.
+        Watch { seen: self.total.load(Ordering::Relaxed), since: Instant::now() }
+    }
+
+    /// After a read timed out: whether to read again.
+    fn again(&self, w: &mut Watch) -> bool {
+        // Relaxed: as in `watch`.
+        let now = self.total.load(Ordering::Relaxed);
+        if now != w.seen {
+            w.seen = now;
+            w.since = Instant::now();
+            return true;
+        }
+        self.limit.is_none_or(|l| w.since.elapsed() < l)
+    }
+}
+
+/// The socket timeout for an io timeout: a quarter of it, at least 10 ms.
+fn poll_slice(limit: Option<Duration>) -> Option<Duration> {
+    limit.map(|l| (l / 4).max(Duration::from_millis(10)))
+}
+
+/// Reads into `buf`, retrying interrupted reads and timed-out reads as [`Stall`] says.
+fn read_retry(mut s: &TcpStream, buf: &mut [u8], stall: Stall<'_>) -> io::Result<usize> {
+    let mut w = stall.watch();
     loop {
         match s.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if timed_out(&e) && stall.again(&mut w) => continue,
             other => return other,
         }
     }
@@ -423,8 +602,9 @@ fn read_retry(mut s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// Most pages one vectored read fills (a packet of 1 KiB pages has 512).
 const MAX_IOV: usize = 512;
 
-/// Reads into the guest ranges of `iov` with `readv(2)`.
-fn readv_raw(fd: i32, iov: &[libc::iovec]) -> io::Result<usize> {
+/// Reads into the guest ranges of `iov` with `readv(2)`; retries as [`read_retry`] does.
+fn readv_raw(fd: i32, iov: &[libc::iovec], stall: Stall<'_>) -> io::Result<usize> {
+    let mut w = stall.watch();
     loop {
         // SAFETY: every iovec points at a guest page range from `GuestMemory::raw_range`, valid for
         // `iov_len` bytes of writes; the kernel writes them, no Rust reference covers them. The count
@@ -434,34 +614,101 @@ fn readv_raw(fd: i32, iov: &[libc::iovec]) -> io::Result<usize> {
             return Ok(n as usize);
         }
         let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
+        if e.kind() != io::ErrorKind::Interrupted && !(timed_out(&e) && stall.again(&mut w)) {
             return Err(e);
         }
     }
 }
 
-/// Accepts the main stream and every channel.
-fn accept_all(listener: &TcpListener, opts: &Options) -> Result<(TcpStream, Vec<TcpStream>), Failure> {
+/// Waits until `listener` has a connection to accept, or until `deadline`; false when it passed.
+fn wait_acceptable(listener: &TcpListener, deadline: Option<Instant>) -> Result<bool, Failure> {
+    loop {
+        let timeout_ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+            }
+        };
+        let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid `pollfd` for the listener's open descriptor; the count says 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if r > 0 {
+            return Ok(true);
+        }
+        if r < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(Failure::Io { place: Place::Listener, doing: "waiting for connections", error });
+            }
+        }
+    }
+}
+
+/// Accepts the main stream and every channel. Once the first connection is in, the others must
+/// arrive within the accept timeout; each connection must identify itself within the io timeout.
+fn accept_all(listener: &TcpListener, opts: &Options, limits: &Limits) -> Result<(TcpStream, Vec<TcpStream>), Failure> {
     let n = usize::from(opts.channels);
     let mut main = None;
     let mut chans: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let mut seen = ChannelSet::new();
     let mut accepted = 0usize;
+    let mut deadline: Option<Instant> = None;
+    listener.set_nonblocking(true).map_err(|error| Failure::Io {
+        place: Place::Listener,
+        doing: "making the listener non-blocking",
+        error,
+    })?;
     while main.is_none() || chans.iter().any(Option::is_none) {
         let place = Place::Connection(accepted);
-        let (stream, _) =
-            listener.accept().map_err(|error| Failure::Io { place: Place::Listener, doing: "accepting", error })?;
+        if !wait_acceptable(listener, deadline)? {
+            return Err(Failure::NeverConnected {
+                main: main.is_none(),
+                channels: (0..opts.channels).filter(|&c| chans[usize::from(c)].is_none()).collect(),
+                waited: limits.accept_timeout.unwrap_or_default(),
+            });
+        }
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+            Err(error) => return Err(Failure::Io { place: Place::Listener, doing: "accepting", error }),
+        };
         accepted += 1;
+        if deadline.is_none() {
+            deadline = limits.accept_timeout.map(|t| Instant::now() + t);
+        }
+        let setup = |error| Failure::Io { place: place.clone(), doing: "setting up the socket", error };
+        stream.set_nonblocking(false).map_err(setup)?;
+        stream.set_read_timeout(poll_slice(limits.io_timeout)).map_err(setup)?;
         let _ = stream.set_nodelay(true);
         let mut first = [0u8; 4];
-        let have = loop {
-            let got = stream.peek(&mut first).map_err(|error| Failure::Io {
+        let ident_start = Instant::now();
+        let stalled = || {
+            limits.io_timeout.filter(|&waited| ident_start.elapsed() >= waited).map(|waited| Failure::Stalled {
                 place: place.clone(),
-                doing: "peeking",
-                error,
-            })?;
+                doing: "identifying the connection",
+                waited,
+            })
+        };
+        let have = loop {
+            let got = match stream.peek(&mut first) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if timed_out(&e) => match stalled() {
+                    Some(f) => return Err(f),
+                    None => continue,
+                },
+                Err(error) => return Err(Failure::Io { place, doing: "identifying the connection", error }),
+            };
             if got == 0 || got == 4 {
                 break got;
+            }
+            // A few bytes, then silence: give up after the io timeout as a blocking read would.
+            if let Some(f) = stalled() {
+                return Err(f);
             }
             std::thread::sleep(Duration::from_millis(1));
         };
@@ -477,11 +724,18 @@ fn accept_all(listener: &TcpListener, opts: &Options) -> Result<(TcpStream, Vec<
             }
             ChannelKind::Multifd => {
                 let mut init = [0u8; INIT_PACKET_LEN];
-                (&stream).read_exact(&mut init).map_err(|error| Failure::Io {
-                    place: place.clone(),
-                    doing: "reading the init packet",
-                    error,
-                })?;
+                // Nothing else is read yet: the counter stays still, so the io timeout counts from here.
+                let still = AtomicU64::new(0);
+                let stall = Stall { total: &still, limit: limits.io_timeout };
+                let mut have = 0;
+                while have < INIT_PACKET_LEN {
+                    let doing = "reading the init packet";
+                    match read_retry(&stream, &mut init[have..], stall) {
+                        Ok(0) => return Err(Failure::ClosedEarly { place, have: have + 4 }),
+                        Ok(n) => have += n,
+                        Err(error) => return Err(io_failure(place, doing, error, limits.io_timeout)),
+                    }
+                }
                 let packet =
                     InitPacket::decode(&init).map_err(|error| Failure::Handshake { place: place.clone(), error })?;
                 packet
@@ -499,7 +753,7 @@ fn accept_all(listener: &TcpListener, opts: &Options) -> Result<(TcpStream, Vec<
 
 type Table<'a> = BlockTable<'a, AnonMemory, MAX_BLOCKS>;
 
-fn receive(opts: &Options, report: &mut Report, start: Instant) -> Result<(), Failure> {
+fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant) -> Result<(), Failure> {
     let n = opts.channels;
     if n == 0 || usize::from(n) > MAX_CHANNELS {
         return Err(Failure::BlockList {
@@ -546,7 +800,7 @@ fn receive(opts: &Options, report: &mut Report, start: Instant) -> Result<(), Fa
             .and_then(|()| fs::rename(&tmp, pf))
             .map_err(|error| Failure::Io { place: Place::Output(pf.clone()), doing: "writing the port file", error })?;
     }
-    let (main_stream, chans) = accept_all(&listener, opts)?;
+    let (main_stream, chans) = accept_all(&listener, opts, limits)?;
     // Further connections are refused by the kernel once the listener is closed.
     drop(listener);
     let _ = start;
@@ -559,15 +813,37 @@ fn receive(opts: &Options, report: &mut Report, start: Instant) -> Result<(), Fa
         end: 0,
         parser: StreamParser::new(StreamConfig { page_size: opts.page_size }),
         bytes: &total_bytes,
+        io_timeout: limits.io_timeout,
     };
 
     // The block list comes first on the main stream; it decides what to map.
     let mut declared: Vec<(Vec<u8>, u64)> = Vec::new();
     let mut total: Option<u64> = None;
+    let mut sum = 0u64;
     let stopped = reader.pump(|ev| {
         match *ev {
+            // The declared total sizes nothing; the blocks are checked against the limit one by one.
             Event::RamTotal { total: t } => total = Some(t),
-            Event::BlockDeclared { name, used_length } => declared.push((name.to_vec(), used_length)),
+            Event::BlockDeclared { name, used_length } => {
+                // Checked as each block arrives: nothing is kept or mapped for a list past the limits.
+                let place = || Place::Block(String::from_utf8_lossy(name).into_owned());
+                if declared.len() == MAX_BLOCKS {
+                    return Err(Failure::BlockList {
+                        place: place(),
+                        reason: format!("more than {MAX_BLOCKS} blocks declared"),
+                    });
+                }
+                sum = sum.saturating_add(used_length);
+                if sum > limits.max_ram {
+                    return Err(Failure::TooMuchRam {
+                        place: place(),
+                        size: used_length,
+                        total: sum,
+                        limit: limits.max_ram,
+                    });
+                }
+                declared.push((name.to_vec(), used_length));
+            }
             Event::ZeroPage { .. } | Event::PageData { .. } | Event::Eof | Event::MultifdFlush | Event::Eos => {
                 return Err(Failure::BlockList {
                     place: Place::Main,
@@ -576,7 +852,6 @@ fn receive(opts: &Options, report: &mut Report, start: Instant) -> Result<(), Fa
             }
             _ => {}
         }
-        let sum: u64 = declared.iter().map(|d| d.1).sum();
         Ok(if total.is_some_and(|t| t == sum && !declared.is_empty()) { Flow::Stop } else { Flow::Continue })
     })?;
     if !stopped {
@@ -660,8 +935,16 @@ fn receive(opts: &Options, report: &mut Report, start: Instant) -> Result<(), Fa
 
     let worker = |c: ChannelId, waker: &StdWaker<'_>| {
         let mut ch = RecvChannel::new(c, cfg);
-        let res =
-            run_channel(&mut ch, &chans[c.index()], &table, &coord, waker, &barrier, &total_bytes, &parked[c.index()]);
+        let res = run_channel(
+            &mut ch,
+            &chans[c.index()],
+            &table,
+            &coord,
+            waker,
+            &barrier,
+            (&total_bytes, limits.io_timeout),
+            &parked[c.index()],
+        );
         if let Err(e) = res {
             coord.record_error(waker, e);
         }
@@ -857,24 +1140,25 @@ fn run_channel(
     coord: &Coordinator<WorkerToken, Failure, MAX_CHANNELS>,
     waker: &StdWaker<'_>,
     barrier: &EpochBarrier,
-    total: &AtomicU64,
+    (total, io_timeout): (&AtomicU64, Option<Duration>),
     parked: &AtomicBool,
 ) -> Result<(), Failure> {
     let id = ch.id();
     let fd = stream.as_raw_fd();
-    let io_err = |error| Failure::Io { place: Place::Channel(id), doing: "reading", error };
+    let io_err = |error| io_failure(Place::Channel(id), "reading", error, io_timeout);
+    let stall = Stall { total, limit: io_timeout };
     let mut scratch = [0u8; 16 * 1024];
     let mut ranges = [PageRange::EMPTY; MAX_IOV];
     loop {
         let n = match ch.want() {
-            Want::Header(buf) => read_retry(stream, buf).map_err(io_err)?,
+            Want::Header(buf) => read_retry(stream, buf, stall).map_err(io_err)?,
             Want::Page { block, offset, len, .. } => {
                 let Some(b) = table.get(block) else { return Ok(()) };
                 // SAFETY: `offset..offset + len` lies inside the block (the core checked the page
                 // against the used length); the pointer is only handed to `read(2)`.
                 if unsafe { b.memory().raw_range(offset, len) }.is_none() {
                     let k = len.min(scratch.len());
-                    let got = read_retry(stream, &mut scratch[..k]).map_err(io_err)?;
+                    let got = read_retry(stream, &mut scratch[..k], stall).map_err(io_err)?;
                     b.memory().write(offset, &scratch[..got]);
                     got
                 } else {
@@ -889,7 +1173,7 @@ fn run_channel(
                         iov[used] = libc::iovec { iov_base: ptr.as_ptr().cast(), iov_len: r.len };
                         used += 1;
                     }
-                    let n = readv_raw(fd, &iov[..used]).map_err(io_err)?;
+                    let n = readv_raw(fd, &iov[..used], stall).map_err(io_err)?;
                     if n == 0 {
                         0
                     } else {
@@ -902,7 +1186,7 @@ fn run_channel(
             }
             Want::Discard(len) => {
                 let k = len.min(scratch.len());
-                read_retry(stream, &mut scratch[..k]).map_err(io_err)?
+                read_retry(stream, &mut scratch[..k], stall).map_err(io_err)?
             }
             Want::Sync => {
                 let epoch = ch.stats().syncs;
@@ -919,7 +1203,10 @@ fn run_channel(
             if coord.is_quitting() {
                 return Ok(());
             }
-            return ch.finish().map_err(Failure::from);
+            return ch.finish().map_err(|e| match e {
+                RecvError::Truncated { .. } => Failure::ClosedInside(e),
+                e => Failure::from(e),
+            });
         }
         // Relaxed: a progress counter.
         total.fetch_add(n as u64, Ordering::Relaxed);
@@ -983,7 +1270,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// `multifd recv` from the command line: runs, prints the summary (and JSON), returns the exit code.
 pub fn cli(opts: &Options, json: bool) -> std::process::ExitCode {
-    let report = run(opts);
+    cli_with(opts, &Limits::default(), json)
+}
+
+/// As [`cli`], with `limits`.
+pub fn cli_with(opts: &Options, limits: &Limits, json: bool) -> std::process::ExitCode {
+    let report = run_with(opts, limits);
     if json {
         println!("{}", report.to_json());
     }
@@ -1017,6 +1309,7 @@ pub fn cli_args(
     json: bool,
     port_file: Option<PathBuf>,
     prealloc: Vec<String>,
+    limits: Limits,
 ) -> std::process::ExitCode {
     let parsed = (|| -> Result<Options, String> {
         let uuid = uuid.as_deref().map(parse_uuid).transpose()?;
@@ -1024,7 +1317,7 @@ pub fn cli_args(
         Ok(Options { listen, channels, out, uuid, page_size, port_file, prealloc, progress: true })
     })();
     match parsed {
-        Ok(opts) => cli(&opts, json),
+        Ok(opts) => cli_with(&opts, &limits, json),
         Err(e) => {
             eprintln!("multifd recv: {e}");
             std::process::ExitCode::from(2)

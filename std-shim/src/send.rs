@@ -8,10 +8,11 @@
 use std::fmt;
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -240,6 +241,46 @@ pub enum SendFailure {
     Spawn(io::Error),
     /// Cancelled (SIGINT or the cancel flag).
     Interrupted,
+    /// A connection was not established within the connect timeout.
+    ConnectTimeout {
+        /// `main stream` or `channel N`.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The connect timeout.
+        waited: Duration,
+    },
+    /// A write waited the whole io timeout while the destination took no byte on any connection.
+    Stalled {
+        /// `main stream` or `channel N`.
+        what: String,
+        /// The packet being written, on a channel.
+        packet_num: Option<u64>,
+        /// The io timeout.
+        waited: Duration,
+    },
+    /// The destination wrote to, or closed, a connection it may only read (a multifd destination
+    /// without a return path never writes to the source).
+    Peer {
+        /// `main stream` or `channel N`.
+        what: String,
+        /// What it did.
+        did: PeerAction,
+    },
+}
+
+/// What a destination did on a connection it should only have read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAction {
+    /// It sent bytes (the first is given).
+    SentBytes(u8),
+    /// It closed its side (end of stream) before the migration ended.
+    Closed,
+}
+
+/// A duration in seconds for messages: whole seconds without decimals.
+fn secs(d: Duration) -> String {
+    if d.subsec_nanos() == 0 { format!("{} s", d.as_secs()) } else { format!("{:.3} s", d.as_secs_f64()) }
 }
 
 impl fmt::Display for SendFailure {
@@ -255,6 +296,23 @@ impl fmt::Display for SendFailure {
             Self::Main(err) => write!(f, "main stream: {err}"),
             Self::Spawn(err) => write!(f, "starting a channel worker: {err}"),
             Self::Interrupted => f.write_str("interrupted: migration cancelled"),
+            Self::ConnectTimeout { what, addr, waited } => {
+                write!(f, "{what}: connect to {addr}: no answer within {} (--connect-timeout)", secs(*waited))
+            }
+            Self::Stalled { what, packet_num, waited } => {
+                write!(f, "{what}: stalled: the destination took no data on any connection for {}", secs(*waited))?;
+                if let Some(n) = packet_num {
+                    write!(f, " while packet {n} was being written")?;
+                }
+                f.write_str(" (--io-timeout)")
+            }
+            Self::Peer { what, did: PeerAction::SentBytes(b) } => write!(
+                f,
+                "{what}: the destination sent unexpected bytes (first {b:#04x}) on a connection it may only read"
+            ),
+            Self::Peer { what, did: PeerAction::Closed } => {
+                write!(f, "{what}: the destination closed the connection before the migration ended")
+            }
         }
     }
 }
@@ -280,6 +338,59 @@ pub struct SendOptions {
     pub machine: String,
     /// Target page size.
     pub page_size: u32,
+}
+
+/// How long a connect may take, by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long writes may wait while the destination takes no byte on any connection, by default.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time limits and pacing of a send migration. Kept apart from [`SendOptions`] so that code
+/// building `SendOptions` field by field keeps compiling; [`migrate`] uses [`SendLimits::default`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendLimits {
+    /// How long each connect (main stream and every channel) may take.
+    pub connect_timeout: Duration,
+    /// How long a write may wait while the destination takes no byte on any connection; then the
+    /// migration fails as stalled, naming the connection. `None`: no limit.
+    pub io_timeout: Option<Duration>,
+    /// Most bytes per second written on all channels together (headers and pages). `None`: no limit.
+    pub max_bandwidth: Option<u64>,
+}
+
+impl Default for SendLimits {
+    fn default() -> Self {
+        Self { connect_timeout: DEFAULT_CONNECT_TIMEOUT, io_timeout: Some(DEFAULT_IO_TIMEOUT), max_bandwidth: None }
+    }
+}
+
+/// Paces channel writes to a byte rate shared by every channel: each packet reserves its slot of
+/// time after the previous reservation and waits for it.
+struct Pace {
+    bytes_per_sec: u64,
+    next: Mutex<Option<Instant>>,
+}
+
+impl Pace {
+    /// Waits until `bytes` may be written; returns early when `stop` says so.
+    fn take(&self, bytes: usize, stop: impl Fn() -> bool) {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec.max(1) as f64);
+        let start = {
+            let mut next = lock(&self.next);
+            let now = Instant::now();
+            let start = next.map_or(now, |n| n.max(now));
+            *next = Some(start + cost);
+            start
+        };
+        while !stop() {
+            let left = start.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            // Short sleeps, so a cancelled migration does not wait out a long reservation.
+            thread::sleep(left.min(Duration::from_millis(20)));
+        }
+    }
 }
 
 /// What a finished migration reports.
@@ -373,13 +484,49 @@ impl Notify for SendNotify {
 }
 
 /// The main stream as a [`MainSink`].
-struct MainStream<'a>(&'a TcpStream);
+struct MainStream<'a> {
+    stream: &'a TcpStream,
+    written: &'a AtomicU64,
+    io_timeout: Option<Duration>,
+}
 
 impl MainSink for MainStream<'_> {
-    type Error = io::Error;
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let mut s = self.0;
-        s.write_all(bytes)
+    type Error = SendFailure;
+    fn write(&mut self, bytes: &[u8]) -> Result<(), SendFailure> {
+        let what = || "main stream".to_owned();
+        write_all_vectored(self.stream, &mut [IoSlice::new(bytes)], self.written, self.io_timeout).map_err(|err| {
+            match self.io_timeout {
+                Some(waited) if timed_out(&err) => SendFailure::Stalled { what: what(), packet_num: None, waited },
+                _ => SendFailure::Main(err),
+            }
+        })?;
+        check_peer(self.stream).map_err(|f| f.unwrap_or_else(|did| SendFailure::Peer { what: what(), did }))
+    }
+}
+
+/// Whether `e` is a write (or connect) that ran out of its timeout.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// Looks, without waiting, whether the destination wrote to or closed a connection it may only
+/// read: `Err(Err(action))` if so, `Err(Ok(failure))` for a socket error.
+fn check_peer(stream: &TcpStream) -> Result<(), Result<SendFailure, PeerAction>> {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a valid, writable one-byte buffer for the duration of the call; the
+    // descriptor belongs to `stream`, which outlives the call.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    match n {
+        1.. => Err(Err(PeerAction::SentBytes(byte))),
+        0 => Err(Err(PeerAction::Closed)),
+        _ => {
+            let e = io::Error::last_os_error();
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                Ok(())
+            } else {
+                Err(Ok(SendFailure::Main(e)))
+            }
+        }
     }
 }
 
@@ -387,23 +534,52 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn connect(addr: SocketAddr, what: String) -> Result<TcpStream, SendFailure> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|err| SendFailure::Connect {
-        what: what.clone(),
-        addr,
-        err,
+fn connect(addr: SocketAddr, what: String, limits: &SendLimits) -> Result<TcpStream, SendFailure> {
+    let s = TcpStream::connect_timeout(&addr, limits.connect_timeout).map_err(|err| {
+        if timed_out(&err) {
+            SendFailure::ConnectTimeout { what: what.clone(), addr, waited: limits.connect_timeout }
+        } else {
+            SendFailure::Connect { what: what.clone(), addr, err }
+        }
     })?;
-    s.set_nodelay(true).map_err(|err| SendFailure::Connect { what, addr, err })?;
+    s.set_nodelay(true).map_err(|err| SendFailure::Connect { what: what.clone(), addr, err })?;
+    let slice = limits.io_timeout.map(|l| (l / 4).max(Duration::from_millis(10)));
+    s.set_write_timeout(slice).map_err(|err| SendFailure::Connect { what, addr, err })?;
     Ok(s)
 }
 
-/// Writes all of `bufs` with vectored writes.
-fn write_all_vectored(mut s: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes all of `bufs` with vectored writes, counting the bytes in `written` (shared by every
+/// connection). Sockets have a write timeout of a quarter of the io timeout; a write that times out
+/// is tried again unless the destination took no byte on any connection for the whole io timeout.
+/// So one connection may wait while others move, and a stall is noticed soon after the io timeout.
+fn write_all_vectored(
+    mut s: &TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    written: &AtomicU64,
+    io_timeout: Option<Duration>,
+) -> io::Result<()> {
+    // Relaxed: a progress counter; only whether it moved matters.
+    let mut seen = written.load(Ordering::Relaxed);
+    let mut since = Instant::now();
     while !bufs.is_empty() {
         match s.write_vectored(bufs) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Ok(n) => {
+                // Relaxed: as above.
+                written.fetch_add(n as u64, Ordering::Relaxed);
+                IoSlice::advance_slices(&mut bufs, n);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => {
+                // Relaxed: as above.
+                let now = written.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    since = Instant::now();
+                } else if io_timeout.is_some_and(|l| since.elapsed() >= l) {
+                    return Err(e);
+                }
+            }
             Err(e) => return Err(e),
         }
     }
@@ -416,8 +592,20 @@ type Engine<'b> = SendEngine<'b, ImageSet, WorkerToken, SendFailure, MAX_SEND_CH
 /// `embedder`'s rounds with the core's precopy driver, and joins every worker before returning.
 /// Setting `cancel` (from any thread, e.g. a SIGINT handler) ends the migration with
 /// [`SendFailure::Interrupted`]: transports are shut down, so the destination sees an aborted stream.
+/// Uses the default [`SendLimits`].
 pub fn migrate<P: Precopy + ?Sized>(
     opts: &SendOptions,
+    blocks: &ImageSet,
+    embedder: &mut P,
+    cancel: &AtomicBool,
+) -> Result<SendReport, SendFailure> {
+    migrate_with(opts, &SendLimits::default(), blocks, embedder, cancel)
+}
+
+/// As [`migrate`], with `limits` (timeouts and pacing).
+pub fn migrate_with<P: Precopy + ?Sized>(
+    opts: &SendOptions,
+    limits: &SendLimits,
     blocks: &ImageSet,
     embedder: &mut P,
     cancel: &AtomicBool,
@@ -428,7 +616,9 @@ pub fn migrate<P: Precopy + ?Sized>(
     let engine: Box<Engine<'_>> =
         Box::new(SendEngine::new(opts.channels, blocks, geometry, Layout::V9_0).map_err(SendFailure::Engine)?);
     let t0 = Instant::now();
-    let main = connect(opts.connect, "main stream".into())?;
+    let main = connect(opts.connect, "main stream".into(), limits)?;
+    let written = AtomicU64::new(0);
+    let pace = limits.max_bandwidth.map(|bytes_per_sec| Pace { bytes_per_sec, next: Mutex::new(None) });
     let main_clone = main.try_clone().map_err(SendFailure::Main)?;
     let streams: Mutex<Vec<Option<TcpStream>>> = Mutex::new((0..opts.channels).map(|_| None).collect());
     let shutdowns: Mutex<Vec<TcpStream>> = Mutex::new(vec![main_clone]);
@@ -459,10 +649,28 @@ pub fn migrate<P: Precopy + ?Sized>(
                 used += 1;
             }
             let packet_num = out.packet_num;
-            if let Err(err) = write_all_vectored(&stream, &mut slices[..used]) {
-                engine_ref
-                    .lifecycle()
-                    .record_error(waker, SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err });
+            if let Some(pace) = &pace {
+                let bytes = slices[..used].iter().map(|s| s.len()).sum();
+                pace.take(bytes, || engine_ref.lifecycle().is_quitting());
+            }
+            if let Err(err) = write_all_vectored(&stream, &mut slices[..used], &written, limits.io_timeout) {
+                let what = format!("channel {}", id.0);
+                let failure = match limits.io_timeout {
+                    Some(waited) if timed_out(&err) => {
+                        SendFailure::Stalled { what, packet_num: Some(packet_num), waited }
+                    }
+                    _ => SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err },
+                };
+                engine_ref.lifecycle().record_error(waker, failure);
+                return;
+            }
+            if let Err(f) = check_peer(&stream) {
+                let failure = f.unwrap_or_else(|did| SendFailure::Peer { what: format!("channel {}", id.0), did });
+                let failure = match failure {
+                    SendFailure::Main(err) => SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err },
+                    other => other,
+                };
+                engine_ref.lifecycle().record_error(waker, failure);
                 return;
             }
             ch.done(&notify);
@@ -491,7 +699,7 @@ pub fn migrate<P: Precopy + ?Sized>(
                 }
             });
             let created = engine_ref.lifecycle().create_all(platform, |id| {
-                let stream = connect(opts.connect, format!("channel {}", id.0))?;
+                let stream = connect(opts.connect, format!("channel {}", id.0), limits)?;
                 let init = engine_ref.channel(id).init_packet(opts.uuid);
                 let mut w = &stream;
                 w.write_all(&init).map_err(|err| SendFailure::Channel { channel: id.0, packet_num: None, err })?;
@@ -503,18 +711,24 @@ pub fn migrate<P: Precopy + ?Sized>(
                 Ok(r) if r.started == opts.channels => {
                     let mut producer = engine_ref.producer().map_err(SendFailure::Engine);
                     match &mut producer {
-                        Ok(p) => precopy(p, &notify, &mut MainStream(&main), &mut recording, opts.machine.as_bytes())
-                            .map_err(|e| match e {
-                                PrecopyError::Main(err) => {
-                                    engine_ref.lifecycle().record_error(platform, SendFailure::Main(err));
-                                    None
-                                }
-                                PrecopyError::Send(SendError::Cancelled) => None,
-                                PrecopyError::Send(other) => {
-                                    engine_ref.lifecycle().record_error(platform, SendFailure::Engine(other));
-                                    None
-                                }
-                            }),
+                        Ok(p) => precopy(
+                            p,
+                            &notify,
+                            &mut MainStream { stream: &main, written: &written, io_timeout: limits.io_timeout },
+                            &mut recording,
+                            opts.machine.as_bytes(),
+                        )
+                        .map_err(|e| match e {
+                            PrecopyError::Main(failure) => {
+                                engine_ref.lifecycle().record_error(platform, failure);
+                                None
+                            }
+                            PrecopyError::Send(SendError::Cancelled) => None,
+                            PrecopyError::Send(other) => {
+                                engine_ref.lifecycle().record_error(platform, SendFailure::Engine(other));
+                                None
+                            }
+                        }),
                         Err(_) => Err(None),
                     }
                 }
@@ -639,7 +853,15 @@ pub fn format_report(r: &SendReport, page_size: u32, json: bool) -> String {
 }
 
 /// `multifd send`: loads the images, migrates them, prints the report; returns the exit status.
-pub fn run_cli(connect: &str, channels: u8, images: &[String], machine: &str, uuid: Option<&str>, json: bool) -> i32 {
+pub fn run_cli(
+    connect: &str,
+    channels: u8,
+    images: &[String],
+    machine: &str,
+    uuid: Option<&str>,
+    json: bool,
+    limits: &SendLimits,
+) -> i32 {
     let addr = match connect.to_socket_addrs().map(|mut a| a.next()) {
         Ok(Some(a)) => a,
         _ => {
@@ -667,7 +889,7 @@ pub fn run_cli(connect: &str, channels: u8, images: &[String], machine: &str, uu
     // The moment the migration starts (images loaded, before connecting), for benchmarks.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     eprintln!("multifd send: connecting at unix time {:.6}", now.as_secs_f64());
-    match migrate(&opts, &blocks, &mut embedder, cancel) {
+    match migrate_with(&opts, limits, &blocks, &mut embedder, cancel) {
         Ok(report) => {
             print!("{}", format_report(&report, opts.page_size, json));
             0

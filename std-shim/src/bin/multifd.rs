@@ -6,6 +6,7 @@ use multifd_std::multifd_core::wire::Layout;
 use multifd_std::recv;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// QEMU-compatible multifd live-migration channels, in Rust.
 ///
@@ -49,6 +50,17 @@ enum Command {
         /// Map and touch block NAME of SIZE bytes (K/M/G suffixes) before accepting connections.
         #[arg(long, value_name = "NAME:SIZE")]
         prealloc: Vec<String>,
+        /// Once the first connection is in, how long the main stream and every channel may take to
+        /// connect (fractions allowed; 0: no limit). The error names the missing channel ids.
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        accept_timeout: Timeout,
+        /// Fail as stalled when no byte arrives on any connection for this long (0: no limit).
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        io_timeout: Timeout,
+        /// Refuse a block list declaring more RAM than this in total (K/M/G/T suffixes; default:
+        /// this machine's physical RAM).
+        #[arg(long, value_name = "BYTES", value_parser = recv::parse_bytes)]
+        max_ram: Option<u64>,
     },
     /// Decode captured migration streams (one file per connection: main stream or multifd
     /// channel, told apart by their first bytes) and print their packets and records.
@@ -108,7 +120,25 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// How long each connect may take (fractions allowed).
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+        connect_timeout: Timeout,
+        /// Fail as stalled when the destination takes no byte on any connection for this long
+        /// (0: no limit).
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        io_timeout: Timeout,
+        /// Most bytes per second on all channels together (K/M/G suffixes; default: no limit).
+        #[arg(long, value_name = "BYTES", value_parser = recv::parse_bytes)]
+        max_bandwidth: Option<u64>,
     },
+}
+
+/// A timeout in seconds from the command line; `None` for 0 (no limit).
+#[derive(Debug, Clone, Copy)]
+struct Timeout(Option<Duration>);
+
+fn parse_timeout(s: &str) -> Result<Timeout, String> {
+    recv::parse_timeout(s).map(Timeout)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -138,12 +168,46 @@ fn main() -> ExitCode {
             let opts = multifd_std::demo::DemoOptions { size, channels, rounds, zero_percent, seed, json };
             ExitCode::from(multifd_std::demo::run(&opts) as u8)
         }
-        Some(Command::Send { connect, channels, images, machine, uuid, json }) => {
-            let code = multifd_std::send::run_cli(&connect, channels, &images, &machine, uuid.as_deref(), json);
+        Some(Command::Send {
+            connect,
+            channels,
+            images,
+            machine,
+            uuid,
+            json,
+            connect_timeout,
+            io_timeout,
+            max_bandwidth,
+        }) => {
+            let limits = multifd_std::send::SendLimits {
+                // No limit on a connect is the operating system's own (minutes).
+                connect_timeout: connect_timeout.0.unwrap_or(Duration::from_secs(u32::MAX.into())),
+                io_timeout: io_timeout.0,
+                max_bandwidth: max_bandwidth.filter(|&b| b > 0),
+            };
+            let code =
+                multifd_std::send::run_cli(&connect, channels, &images, &machine, uuid.as_deref(), json, &limits);
             ExitCode::from(code as u8)
         }
-        Some(Command::Recv { listen, channels, out, uuid, page_size, json, port_file, prealloc }) => {
-            recv::cli_args(listen, channels, out, uuid, page_size, json, port_file, prealloc)
+        Some(Command::Recv {
+            listen,
+            channels,
+            out,
+            uuid,
+            page_size,
+            json,
+            port_file,
+            prealloc,
+            accept_timeout,
+            io_timeout,
+            max_ram,
+        }) => {
+            let limits = recv::Limits {
+                accept_timeout: accept_timeout.0,
+                io_timeout: io_timeout.0,
+                max_ram: max_ram.unwrap_or_else(recv::physical_ram),
+            };
+            recv::cli_args(listen, channels, out, uuid, page_size, json, port_file, prealloc, limits)
         }
         Some(Command::Inspect { files, json, page_size, layout }) => {
             let layout = match layout {
