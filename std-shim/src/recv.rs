@@ -706,6 +706,11 @@ fn accept_all(listener: &TcpListener, opts: &Options, limits: &Limits) -> Result
             if got == 0 || got == 4 {
                 break got;
             }
+            // A few bytes and then the peer's FIN: `peek` keeps returning those bytes without ever
+            // reporting the end, so ask TCP whether the peer has closed its side.
+            if peer_closed(&stream) {
+                break got;
+            }
             // A few bytes, then silence: give up after the io timeout as a blocking read would.
             if let Some(f) = stalled() {
                 return Err(f);
@@ -1248,6 +1253,21 @@ fn progress(table: &Table<'_>, bytes: &AtomicU64, done: &AtomicBool, barrier: &E
     if tty {
         eprintln!();
     }
+}
+
+/// Whether the peer of `stream` has closed its sending side (TCP state CLOSE_WAIT or later), from
+/// `TCP_INFO`; false when the state cannot be read.
+fn peer_closed(stream: &TcpStream) -> bool {
+    // `tcpi_state` is the first byte of `struct tcp_info`; the rest is not needed.
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes; the kernel writes at most `len` bytes and
+    // stores the length used in `len`.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+    };
+    // Linux TCP states: 8 CLOSE_WAIT, 9 LAST_ACK, 7 CLOSE (after a reset).
+    rc == 0 && len >= 1 && matches!(info[0], 7..=9)
 }
 
 /// CPU seconds (user, system) this process has used so far, every thread included.

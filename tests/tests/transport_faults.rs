@@ -344,6 +344,27 @@ fn recv_stalled_handshake_times_out() {
     });
 }
 
+/// A few bytes and then a close, before the receiver could tell what the connection is: reported as
+/// closed at once, not after the io timeout (a peek would keep returning the two bytes forever).
+#[test]
+fn recv_connection_closed_after_two_bytes_fails_at_once() {
+    with_deadline(30, "recv_connection_closed_after_two_bytes_fails_at_once", || {
+        let mut limits = short_limits();
+        limits.io_timeout = Some(Duration::from_secs(20));
+        let r = recv_fault("r-closed-2", 2, &limits, |port| {
+            let c = connect(port, &[0x11, 0x22]);
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        assert_recv_failed(
+            "r-closed-2",
+            &r,
+            &["connection #0: closed after 2 bytes", "before it could be identified"],
+            Duration::from_secs(5),
+        );
+    });
+}
+
 /// An extra connection while the receiver still accepts: a second channel 1 is refused by name.
 #[test]
 fn recv_extra_connection_during_setup_is_refused() {
