@@ -26,10 +26,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, PageSize, ZeroPagePolicy};
 use multifd_core::lifecycle::ChannelId;
-use multifd_core::recv::{EpochBarrier, EpochError, MainAction, MainRecv, PageRange, RecvChannel, RecvError, SyncMode, Want};
+use multifd_core::recv::{
+    EpochBarrier, EpochError, MainAction, MainRecv, PageRange, RecvChannel, RecvError, SyncMode, Want,
+};
 use multifd_core::wire::packet::INIT_PACKET_LEN;
 use multifd_core::wire::stream::{StreamConfig, StreamParser};
-use multifd_core::wire::{ChannelKind, ChannelSet, DecodeError, Geometry, InitPacket, Layout, PacketConfig, identify_channel};
+use multifd_core::wire::{
+    ChannelKind, ChannelSet, DecodeError, Geometry, InitPacket, Layout, PacketConfig, identify_channel,
+};
 
 /// The value of every guard byte.
 pub const GUARD: u8 = 0xA5;
@@ -189,7 +193,10 @@ impl GuestMemory for View<'_> {
 
 enum ChanState {
     /// Collecting the init packet.
-    Init { buf: [u8; INIT_PACKET_LEN], have: usize },
+    Init {
+        buf: [u8; INIT_PACKET_LEN],
+        have: usize,
+    },
     Running(Box<RecvChannel>),
     Done,
 }
@@ -231,8 +238,12 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
             b.store(0, Ordering::Relaxed);
         }
     }
-    let views: Vec<View<'_>> =
-        setup.blocks.iter().enumerate().map(|(i, (_, p))| View { arena: &arena, base: layout[i], used: p * ps }).collect();
+    let views: Vec<View<'_>> = setup
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| View { arena: &arena, base: layout[i], used: p * ps })
+        .collect();
     let words: Vec<Vec<AtomicWord>> =
         setup.blocks.iter().map(|(_, p)| (0..words_for(*p)).map(|_| AtomicWord::new(0)).collect()).collect();
     let mut table: Table<'_> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
@@ -300,7 +311,8 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
     let epochs = m.barrier.released();
     drop(m);
     // No byte outside the blocks' used lengths changed: check the gaps between the used ranges.
-    let used: Vec<(usize, usize)> = setup.blocks.iter().enumerate().map(|(k, (_, p))| (layout[k], layout[k] + p * ps)).collect();
+    let used: Vec<(usize, usize)> =
+        setup.blocks.iter().enumerate().map(|(k, (_, p))| (layout[k], layout[k] + p * ps)).collect();
     let mut gap_start = 0;
     for &(start, end) in used.iter().chain([&(arena.len(), arena.len())]) {
         for (i, b) in arena.iter().enumerate().take(start).skip(gap_start) {
@@ -372,9 +384,9 @@ impl Model<'_, '_, '_> {
                 if main.eof {
                     main.done = true;
                     progress = true;
-                    main.parser
-                        .finish()
-                        .map_err(|error| Fail::Engine(RecvError::MainStream { position: main.parser.position(), error }))?;
+                    main.parser.finish().map_err(|error| {
+                        Fail::Engine(RecvError::MainStream { position: main.parser.position(), error })
+                    })?;
                 }
                 return Ok(progress);
             };
