@@ -52,6 +52,8 @@ tier_detail() {
   grep -o '^firmware: exit.*' "$1" | sed 's/^/: /' || true
   grep -o '^tsan: .*' "$1" | sed 's/^/; /' || true
   grep -o '^fuzz: .*' "$1" | sed 's/^/: /' | paste -sd' ' - || true
+  grep -o '^leaks: .*' "$1" | sed 's/^/; /' || true
+  grep -o '^soak: .*' "$1" | sed 's/^/; /' || true
 }
 
 # Everything concurrent in the core goes through its `sync` seam, so loom can replace it.
@@ -166,6 +168,12 @@ tier8_tsan() {
   echo "tsan: canary race reported (try $try), as it must be"
 }
 
+# Valgrind memcheck on `multifd recv` and `multifd send`, mostly error paths (scripts/valgrind.sh):
+# no memcheck error, no definitely or indirectly lost byte; a leaking canary must be reported.
+tier9_leaks() {
+  bash scripts/valgrind.sh
+}
+
 echo "== setup"
 if ! bash scripts/setup.sh; then
   echo "setup failed: see the message above"
@@ -180,6 +188,7 @@ run_tier 5-miri-loom tier5_miri_loom
 run_tier 6-doc tier6_doc
 run_tier 7-fuzz tier7_fuzz
 run_tier 8-tsan tier8_tsan
+run_tier 9-leaks tier9_leaks
 
 echo
 echo "== summary ($(($(date +%s) - START)) s)"
