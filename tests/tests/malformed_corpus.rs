@@ -245,6 +245,13 @@ fn cases() -> Vec<Case> {
         "connection #2: closed after 0 bytes",
     );
     add(
+        "connection_closed_after_2_bytes",
+        vec![main_stream(1, true), c0.clone(), c1[..2].to_vec()],
+        false,
+        "ClosedEarly { stream: 2, have: 2 }",
+        "connection #2: closed after 2 bytes",
+    );
+    add(
         "second_main_stream",
         vec![main_stream(1, true), c0.clone(), main_stream(1, true)],
         false,
@@ -662,7 +669,11 @@ fn through_multifd_recv(c: &Loaded) -> (Option<i32>, String, Vec<PathBuf>, Strin
     }
     std::thread::sleep(Duration::from_millis(50));
     drop(conns);
-    let (code, _json, stderr) = recv.wait(20);
+    // A receiver that does not exit is killed by `wait`, which then panics: report it as a hang.
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| recv.wait(20)));
+    let Ok((code, _json, stderr)) = waited else {
+        return (None, "HUNG: multifd recv did not exit within 20 s".to_owned(), Vec::new(), String::new());
+    };
     let line = stderr
         .lines()
         .find(|l| l.starts_with("multifd recv: failed:") || l.starts_with("multifd recv: completed"))
@@ -690,7 +701,8 @@ fn corpus_through_multifd_recv_over_tcp() {
                 }
             } else {
                 if code == Some(0) || code.is_none() {
-                    failures.push(format!("{}: expected a failure exit, got {code:?}", c.name));
+                    failures.push(format!("{}: expected a failure exit, got {code:?} ({line})", c.name));
+                    continue;
                 }
                 if !line.contains(&c.recv) {
                     failures.push(format!("{}: failure line {line:?} lacks {:?}", c.name, c.recv));
