@@ -169,9 +169,12 @@ tier8_tsan() {
 }
 
 # Valgrind memcheck on `multifd recv` and `multifd send`, mostly error paths (scripts/valgrind.sh):
-# no memcheck error, no definitely or indirectly lost byte; a leaking canary must be reported.
-tier9_leaks() {
+# no memcheck error, no definitely or indirectly lost byte; a leaking canary must be reported. Then
+# the soak (scripts/soak.sh, 100 faulty and clean migrations in one process) with its figures.
+tier9_leaks_soak() {
+  set -e
   bash scripts/valgrind.sh
+  bash scripts/soak.sh
 }
 
 echo "== setup"
@@ -188,7 +191,7 @@ run_tier 5-miri-loom tier5_miri_loom
 run_tier 6-doc tier6_doc
 run_tier 7-fuzz tier7_fuzz
 run_tier 8-tsan tier8_tsan
-run_tier 9-leaks tier9_leaks
+run_tier 9-leaks-soak tier9_leaks_soak
 
 echo
 echo "== summary ($(($(date +%s) - START)) s)"
