@@ -235,7 +235,7 @@ fn cases() -> Vec<Case> {
         vec![main_stream(1, true), c0[..30].to_vec(), c1.clone()],
         false,
         "ClosedEarly { stream: 1, have: 30 }",
-        "connection #1: reading the init packet",
+        "connection #1: closed after 30 bytes",
     );
     add(
         "connection_closed_before_init",
