@@ -74,4 +74,13 @@ if ! command -v cargo-fuzz >/dev/null || ! cargo-fuzz --version 2>/dev/null | gr
   log "installing cargo-fuzz (cargo install, about 2 minutes)"
   quiet cargo install --locked cargo-fuzz@0.13.2 || die "cargo install cargo-fuzz failed"
 fi
+# 6. valgrind, for the leak tier (memcheck on `multifd recv` and `multifd send`, scripts/valgrind.sh).
+if ! command -v valgrind >/dev/null; then
+  [ "$(id -u)" = 0 ] || die "valgrind is missing and installing it needs root (apt-get)"
+  command -v apt-get >/dev/null || die "valgrind is missing and this is not a Debian system: install it by hand"
+  log "installing valgrind (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  quiet apt-get update || die "apt-get update failed"
+  quiet apt-get install -y --no-install-recommends valgrind || die "apt-get install valgrind failed"
+fi
 log "ok"

@@ -52,6 +52,8 @@ tier_detail() {
   grep -o '^firmware: exit.*' "$1" | sed 's/^/: /' || true
   grep -o '^tsan: .*' "$1" | sed 's/^/; /' || true
   grep -o '^fuzz: .*' "$1" | sed 's/^/: /' | paste -sd' ' - || true
+  grep -o '^leaks: .*' "$1" | sed 's/^/; /' || true
+  grep -o '^soak: .*' "$1" | sed 's/^/; /' || true
 }
 
 # Everything concurrent in the core goes through its `sync` seam, so loom can replace it.
@@ -169,6 +171,15 @@ tier8_tsan() {
   echo "tsan: canary race reported (try $try), as it must be"
 }
 
+# Valgrind memcheck on `multifd recv` and `multifd send`, mostly error paths (scripts/valgrind.sh):
+# no memcheck error, no definitely or indirectly lost byte; a leaking canary must be reported. Then
+# the soak (scripts/soak.sh, 100 faulty and clean migrations in one process) with its figures.
+tier9_leaks_soak() {
+  set -e
+  bash scripts/valgrind.sh
+  bash scripts/soak.sh
+}
+
 echo "== setup"
 if ! bash scripts/setup.sh; then
   echo "setup failed: see the message above"
@@ -183,6 +194,7 @@ run_tier 5-miri-loom tier5_miri_loom
 run_tier 6-doc tier6_doc
 run_tier 7-fuzz tier7_fuzz
 run_tier 8-tsan tier8_tsan
+run_tier 9-leaks-soak tier9_leaks_soak
 
 echo
 echo "== summary ($(($(date +%s) - START)) s)"
