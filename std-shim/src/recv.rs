@@ -736,7 +736,7 @@ fn accept_all(listener: &TcpListener, opts: &Options, limits: &Limits) -> Result
                 while have < INIT_PACKET_LEN {
                     let doing = "reading the init packet";
                     match read_retry(&stream, &mut init[have..], stall) {
-                        Ok(0) => return Err(Failure::ClosedEarly { place, have: have + 4 }),
+                        Ok(0) => return Err(Failure::ClosedEarly { place, have }),
                         Ok(n) => have += n,
                         Err(error) => return Err(io_failure(place, doing, error, limits.io_timeout)),
                     }
