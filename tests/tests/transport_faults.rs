@@ -734,7 +734,7 @@ fn send_extra_channel_is_refused_by_the_receiver() {
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
         let serr = String::from_utf8_lossy(&sender.stderr);
         assert_eq!(sender.status.code(), Some(1), "{serr}");
-        let sline = serr.lines().find(|l| l.starts_with("multifd send:")).unwrap_or_default();
+        let sline = serr.lines().rfind(|l| l.starts_with("multifd send:")).unwrap_or_default();
         assert!(sline.contains("channel 2") && (says_closed(sline) || sline.contains("refused")), "{sline}");
         let line = stderr.lines().find(|l| l.starts_with("multifd recv: failed:")).unwrap_or_default();
         assert_ne!(code, Some(0), "{stderr}");

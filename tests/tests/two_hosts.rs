@@ -224,7 +224,7 @@ fn two_hosts_link_cut_fails_both_sides_within_the_timeout() {
         assert!(took < Duration::from_secs(2 + 5), "exits took {took:?}");
         assert_eq!(s.status.code(), Some(1), "sender: {serr}");
         assert_eq!(r.status.code(), Some(1), "receiver: {rerr}");
-        let sline = serr.lines().find(|l| l.starts_with("multifd send:")).unwrap_or_default();
+        let sline = serr.lines().rfind(|l| l.starts_with("multifd send:")).unwrap_or_default();
         assert!(sline.contains("channel ") || sline.contains("main stream"), "{sline}");
         assert!(sline.contains("stalled") && sline.contains("(--io-timeout)"), "{sline}");
         let rline = rerr.lines().find(|l| l.starts_with("multifd recv: failed:")).unwrap_or_default();
