@@ -1,6 +1,7 @@
 //! Helpers shared by the host integration tests.
 
 pub mod qemu_dest;
+pub mod synthetic;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -28,9 +28,18 @@ use std::time::Duration;
 
 use engine_harness::{Op, Setup};
 use multifd_core::wire::stream::Record;
-use multifd_core::wire::{DeviceStateHeader, Flags, InitPacket, Layout};
+use multifd_core::wire::{DeviceStateHeader, Flags, Layout};
 use multifd_tests::qemu::{Recv, temp_dir};
+use multifd_tests::synthetic::{self, emit, init, init_with};
 use multifd_tests::{with_deadline, workspace_root};
+
+fn main_head() -> Vec<u8> {
+    synthetic::main_head((PAGES * PAGE) as u64)
+}
+
+fn main_stream(markers: u32, eof: bool) -> Vec<u8> {
+    synthetic::main_stream((PAGES * PAGE) as u64, markers, eof)
+}
 
 const PAGE: usize = 4096;
 const PAGES: usize = 4;
@@ -45,51 +54,6 @@ struct Case {
     uuid: bool,
     core: &'static str,
     recv: &'static str,
-}
-
-fn emit(out: &mut Vec<u8>, r: Record<'_>) {
-    let start = out.len();
-    out.resize(start + r.encoded_len(), 0);
-    r.encode(&mut out[start..], PAGE as u32).unwrap();
-}
-
-/// The main stream up to the end of its block list (one block `m0` of 4 pages).
-fn main_head() -> Vec<u8> {
-    let mut m = Vec::new();
-    let size = (PAGES * PAGE) as u64;
-    emit(&mut m, Record::FileHeader);
-    emit(&mut m, Record::Configuration { machine: b"none" });
-    emit(&mut m, Record::SectionStart { full: false, section_id: 1, name: b"ram", instance_id: 0, version_id: 4 });
-    emit(&mut m, Record::MemSize { total: size });
-    emit(&mut m, Record::BlockEntry { name: b"m0", used_length: size });
-    m
-}
-
-/// A main stream with `markers` MULTIFD_FLUSH markers and, if `eof`, its EOF record.
-fn main_stream(markers: u32, eof: bool) -> Vec<u8> {
-    let mut m = main_head();
-    for i in 0..markers {
-        if i > 0 {
-            emit(&mut m, Record::SectionPart { end: i + 1 == markers, section_id: 1 });
-        }
-        emit(&mut m, Record::MultifdFlush);
-        emit(&mut m, Record::Eos);
-        emit(&mut m, Record::Footer { section_id: 1 });
-    }
-    if eof {
-        emit(&mut m, Record::Eof);
-    }
-    m
-}
-
-fn init_with(id: u8, uuid: [u8; 16]) -> Vec<u8> {
-    let mut b = vec![0u8; 64];
-    InitPacket { uuid, id }.encode(&mut b).unwrap();
-    b
-}
-
-fn init(id: u8) -> Vec<u8> {
-    init_with(id, [0; 16])
 }
 
 /// Fields of a RAM packet header, written raw (so that invalid ones can be built too).

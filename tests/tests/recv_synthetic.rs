@@ -7,70 +7,20 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use multifd_core::wire::stream::Record;
-use multifd_core::wire::{Flags, Geometry, InitPacket, Layout, RamHeader};
 use multifd_tests::qemu::{Recv, json_num, temp_dir};
+use multifd_tests::synthetic::{self, init};
 use multifd_tests::with_deadline;
+
+fn main_stream(markers: u32, eof: bool) -> Vec<u8> {
+    synthetic::main_stream((PAGES * PAGE) as u64, markers, eof)
+}
+
+fn packet(out: &mut Vec<u8>, sync: bool, pages: &[(usize, u8)]) {
+    synthetic::packet(out, sync, pages, &[]);
+}
 
 const PAGE: usize = 4096;
 const PAGES: usize = 4;
-
-fn emit(out: &mut Vec<u8>, r: Record<'_>) {
-    let start = out.len();
-    out.resize(start + r.encoded_len(), 0);
-    r.encode(&mut out[start..], PAGE as u32).unwrap();
-}
-
-/// A main stream with `markers` MULTIFD_FLUSH markers (the first in the setup part) and one block m0.
-fn main_stream(markers: u32, eof: bool) -> Vec<u8> {
-    let mut m = Vec::new();
-    let size = (PAGES * PAGE) as u64;
-    emit(&mut m, Record::FileHeader);
-    emit(&mut m, Record::Configuration { machine: b"none" });
-    emit(&mut m, Record::SectionStart { full: false, section_id: 1, name: b"ram", instance_id: 0, version_id: 4 });
-    emit(&mut m, Record::MemSize { total: size });
-    emit(&mut m, Record::BlockEntry { name: b"m0", used_length: size });
-    for i in 0..markers {
-        if i > 0 {
-            emit(&mut m, Record::SectionPart { end: i + 1 == markers, section_id: 1 });
-        }
-        emit(&mut m, Record::MultifdFlush);
-        emit(&mut m, Record::Eos);
-        emit(&mut m, Record::Footer { section_id: 1 });
-    }
-    if eof {
-        emit(&mut m, Record::Eof);
-    }
-    m
-}
-
-fn init(id: u8) -> Vec<u8> {
-    let mut b = vec![0u8; 64];
-    InitPacket { uuid: [0; 16], id }.encode(&mut b).unwrap();
-    b
-}
-
-/// One RAM packet: `pages` as (page index, fill byte) normal pages.
-fn packet(out: &mut Vec<u8>, sync: bool, pages: &[(usize, u8)]) {
-    let geo = Geometry::new(PAGE as u32).unwrap();
-    let start = out.len();
-    out.resize(start + geo.header_len(), 0);
-    let offs: Vec<u64> = pages.iter().map(|p| (p.0 * PAGE) as u64).collect();
-    RamHeader {
-        flags: Flags(if sync { Flags::SYNC } else { 0 }),
-        pages_alloc: if offs.is_empty() { 0 } else { geo.page_count() },
-        normal_pages: offs.len() as u32,
-        next_packet_size: (offs.len() * PAGE) as u32,
-        packet_num: 0,
-        zero_pages: 0,
-        block: if offs.is_empty() { b"" } else { b"m0" },
-    }
-    .encode(&offs, geo, Layout::V9_0, &mut out[start..])
-    .unwrap();
-    for p in pages {
-        out.extend(std::iter::repeat_n(p.1, PAGE));
-    }
-}
 
 fn connect(port: u16, bytes: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();

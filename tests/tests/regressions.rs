@@ -20,83 +20,26 @@ use std::time::{Duration, Instant};
 use multifd_core::lifecycle::{ChannelId, ChannelState, Coordinator, Created};
 use multifd_core::send::{Precopy, Quiescent, RoundStats, Step};
 use multifd_core::wire::stream::{Event, Record, StreamConfig, StreamParser};
-use multifd_core::wire::{Flags, Geometry, InitPacket, Layout, Packet, PacketConfig, RamHeader};
+use multifd_core::wire::{Flags, InitPacket, Packet, PacketConfig};
 use multifd_std::platform::{Role, WorkerToken, run_scoped};
 use multifd_std::recv::{self, Report};
 use multifd_std::send::{GuestImage, ImageSet, SendFailure, SendOptions, StaticPrecopy, migrate};
 use multifd_tests::qemu::temp_dir;
+use multifd_tests::synthetic::{self, emit, geo, init, packet};
 use multifd_tests::{with_deadline, worker_thread_count};
+
+fn main_head(pages: usize) -> Vec<u8> {
+    synthetic::main_head((pages * PAGE) as u64)
+}
+
+fn main_stream(pages: usize, markers: u32, eof: bool) -> Vec<u8> {
+    synthetic::main_stream((pages * PAGE) as u64, markers, eof)
+}
 
 const PAGE: usize = 4096;
 
 // ---------------------------------------------------------------------------------------------
 // Streams built from the wire encoders (what a QEMU source, or a broken one, would send).
-
-fn emit(out: &mut Vec<u8>, r: Record<'_>) {
-    let start = out.len();
-    out.resize(start + r.encoded_len(), 0);
-    r.encode(&mut out[start..], PAGE as u32).unwrap();
-}
-
-/// The main stream up to the end of the block list: one block `m0` of `pages` pages.
-fn main_head(pages: usize) -> Vec<u8> {
-    let mut m = Vec::new();
-    let size = (pages * PAGE) as u64;
-    emit(&mut m, Record::FileHeader);
-    emit(&mut m, Record::Configuration { machine: b"none" });
-    emit(&mut m, Record::SectionStart { full: false, section_id: 1, name: b"ram", instance_id: 0, version_id: 4 });
-    emit(&mut m, Record::MemSize { total: size });
-    emit(&mut m, Record::BlockEntry { name: b"m0", used_length: size });
-    m
-}
-
-/// A whole main stream: block list, `markers` MULTIFD_FLUSH markers, then EOF if `eof`.
-fn main_stream(pages: usize, markers: u32, eof: bool) -> Vec<u8> {
-    let mut m = main_head(pages);
-    for i in 0..markers {
-        if i > 0 {
-            emit(&mut m, Record::SectionPart { end: i + 1 == markers, section_id: 1 });
-        }
-        emit(&mut m, Record::MultifdFlush);
-        emit(&mut m, Record::Eos);
-        emit(&mut m, Record::Footer { section_id: 1 });
-    }
-    if eof {
-        emit(&mut m, Record::Eof);
-    }
-    m
-}
-
-fn init(id: u8) -> Vec<u8> {
-    let mut b = vec![0u8; 64];
-    InitPacket { uuid: [0; 16], id }.encode(&mut b).unwrap();
-    b
-}
-
-fn geo() -> Geometry {
-    Geometry::new(PAGE as u32).unwrap()
-}
-
-/// One RAM packet: `data` as (page, fill byte) normal pages, then `zero` pages.
-fn packet(out: &mut Vec<u8>, sync: bool, data: &[(usize, u8)], zero: &[usize]) {
-    let start = out.len();
-    out.resize(start + geo().header_len(), 0);
-    let offs: Vec<u64> = data.iter().map(|p| p.0).chain(zero.iter().copied()).map(|p| (p * PAGE) as u64).collect();
-    RamHeader {
-        flags: Flags(if sync { Flags::SYNC } else { 0 }),
-        pages_alloc: if offs.is_empty() { 0 } else { geo().page_count() },
-        normal_pages: data.len() as u32,
-        next_packet_size: (data.len() * PAGE) as u32,
-        packet_num: 0,
-        zero_pages: zero.len() as u32,
-        block: if offs.is_empty() { b"" } else { b"m0" },
-    }
-    .encode(&offs, geo(), Layout::V9_0, &mut out[start..])
-    .unwrap();
-    for p in data {
-        out.extend(std::iter::repeat_n(p.1, PAGE));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // `multifd recv` in this process.

@@ -18,11 +18,16 @@ use std::time::{Duration, Instant};
 
 use multifd_core::send::{Precopy, RoundStats, Step};
 use multifd_core::wire::stream::Record;
-use multifd_core::wire::{Flags, Geometry, InitPacket, Layout, RamHeader};
+use multifd_core::wire::{Geometry, InitPacket};
 use multifd_std::recv::{self, Limits, Report};
 use multifd_std::send::{self, GuestImage, ImageSet, SendLimits, SendOptions};
 use multifd_tests::qemu::{multifd_bin, temp_dir};
+use multifd_tests::synthetic::{self, emit, init, main_head};
 use multifd_tests::{with_deadline, worker_thread_count};
+
+fn packet(out: &mut Vec<u8>, sync: bool, pages: &[(usize, u8)]) {
+    synthetic::packet(out, sync, pages, &[]);
+}
 
 const PAGE: usize = 4096;
 const PAGES: usize = 4;
@@ -30,65 +35,13 @@ const PAGES: usize = 4;
 // ---------------------------------------------------------------------------------------------
 // Streams for the fake sender (the same layout recv_synthetic.rs uses: one block m0 of 4 pages).
 
-fn emit(out: &mut Vec<u8>, r: Record<'_>) {
-    let start = out.len();
-    out.resize(start + r.encoded_len(), 0);
-    r.encode(&mut out[start..], PAGE as u32).unwrap();
-}
-
-/// The main stream up to the end of the block list (block m0 of `size` bytes).
-fn main_head(size: u64) -> Vec<u8> {
-    let mut m = Vec::new();
-    emit(&mut m, Record::FileHeader);
-    emit(&mut m, Record::Configuration { machine: b"none" });
-    emit(&mut m, Record::SectionStart { full: false, section_id: 1, name: b"ram", instance_id: 0, version_id: 4 });
-    emit(&mut m, Record::MemSize { total: size });
-    emit(&mut m, Record::BlockEntry { name: b"m0", used_length: size });
-    m
-}
-
 /// A whole main stream: block list, one sync marker, and the EOF record if `eof`.
 fn main_stream(eof: bool) -> Vec<u8> {
-    let mut m = main_head((PAGES * PAGE) as u64);
-    emit(&mut m, Record::MultifdFlush);
-    emit(&mut m, Record::Eos);
-    emit(&mut m, Record::Footer { section_id: 1 });
-    if eof {
-        emit(&mut m, Record::Eof);
-    }
-    m
-}
-
-fn init(id: u8) -> Vec<u8> {
-    let mut b = vec![0u8; 64];
-    InitPacket { uuid: [0; 16], id }.encode(&mut b).unwrap();
-    b
+    synthetic::main_stream((PAGES * PAGE) as u64, 1, eof)
 }
 
 fn header_len() -> usize {
     Geometry::new(PAGE as u32).unwrap().header_len()
-}
-
-/// One RAM packet: `pages` as (page index, fill byte) normal pages.
-fn packet(out: &mut Vec<u8>, sync: bool, pages: &[(usize, u8)]) {
-    let geo = Geometry::new(PAGE as u32).unwrap();
-    let start = out.len();
-    out.resize(start + geo.header_len(), 0);
-    let offs: Vec<u64> = pages.iter().map(|p| (p.0 * PAGE) as u64).collect();
-    RamHeader {
-        flags: Flags(if sync { Flags::SYNC } else { 0 }),
-        pages_alloc: if offs.is_empty() { 0 } else { geo.page_count() },
-        normal_pages: offs.len() as u32,
-        next_packet_size: (offs.len() * PAGE) as u32,
-        packet_num: 0,
-        zero_pages: 0,
-        block: if offs.is_empty() { b"" } else { b"m0" },
-    }
-    .encode(&offs, geo, Layout::V9_0, &mut out[start..])
-    .unwrap();
-    for p in pages {
-        out.extend(std::iter::repeat_n(p.1, PAGE));
-    }
 }
 
 /// Channel 0's whole share: pages 0 and 1, then the SYNC of the one epoch.
