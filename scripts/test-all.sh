@@ -33,7 +33,7 @@ run_tier() {
   local rc=0
   wait $! || rc=$?
   if [ "$rc" -eq 0 ]; then
-    SUMMARY+=("PASS  tier $name ($(($(date +%s) - t0)) s)$(tier_detail "$log")")
+    SUMMARY+=("PASS  tier $name ($(($(date +%s) - t0)) s)$(tier_detail "$log" | paste -sd" " -)")
   else
     FAILED=1
     SUMMARY+=("FAIL  tier $name ($(($(date +%s) - t0)) s), log: $log")
