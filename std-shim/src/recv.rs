@@ -1154,9 +1154,14 @@ fn run_channel(
     let stall = Stall { total, limit: io_timeout };
     let mut scratch = [0u8; 16 * 1024];
     let mut ranges = [PageRange::EMPTY; MAX_IOV];
+    // Whether the current packet's data pages were populated before the first read into them.
+    let mut prefaulted = false;
     loop {
         let n = match ch.want() {
-            Want::Header(buf) => read_retry(stream, buf, stall).map_err(io_err)?,
+            Want::Header(buf) => {
+                prefaulted = false;
+                read_retry(stream, buf, stall).map_err(io_err)?
+            }
             Want::Page { block, offset, len, .. } => {
                 let Some(b) = table.get(block) else { return Ok(()) };
                 // SAFETY: `offset..offset + len` lies inside the block (the core checked the page
@@ -1169,6 +1174,10 @@ fn run_channel(
                 } else {
                     // The rest of the packet's pages in one vectored read, straight into guest memory.
                     let count = ch.pending_pages(table, &mut ranges);
+                    if !prefaulted {
+                        prefaulted = true;
+                        prefault_runs(table, &ranges[..count]);
+                    }
                     let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
                     let mut used = 0;
                     for r in &ranges[..count] {
@@ -1216,6 +1225,25 @@ fn run_channel(
         // Relaxed: a progress counter.
         total.fetch_add(n as u64, Ordering::Relaxed);
         ch.advance(n, table)?;
+    }
+}
+
+/// Populates fresh destination memory for `ranges` (one packet's data pages), one call per run of
+/// adjacent pages: see [`AnonMemory::prefault`].
+fn prefault_runs(table: &Table<'_>, ranges: &[PageRange]) {
+    let mut run: Option<PageRange> = None;
+    for r in ranges.iter().copied().chain(core::iter::once(PageRange::EMPTY)) {
+        match &mut run {
+            Some(cur) if cur.block == r.block && cur.offset + cur.len == r.offset && r.len > 0 => cur.len += r.len,
+            _ => {
+                if let Some(cur) = run.take()
+                    && let Some(b) = table.get(cur.block)
+                {
+                    b.memory().prefault(cur.offset, cur.len);
+                }
+                run = (r.len > 0).then_some(r);
+            }
+        }
     }
 }
 
