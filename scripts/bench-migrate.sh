@@ -8,6 +8,9 @@
 #   qemu_pre     QEMU source -> QEMU destination with prealloc=on
 #   send_qdest   multifd send -> QEMU destination with prealloc=on (compare with qemu_pre)
 #   iperf3       iperf3 over loopback with as many parallel streams as channels, 2 s
+#   floor_fresh  std-shim/examples/loopback_floor.rs: the same data pages in the same packets over as
+#   floor_pre    many connections, one writev and one readv each and nothing else, into fresh or
+#                populated destination memory; the least time these bytes take on this machine
 # Time of a run: from the start of the migration (QEMU source: the `migrate` command; multifd send:
 # its "connecting at" timestamp, after it has loaded the image) to the destination having everything
 # (multifd recv: its "all pages received" timestamp, before it writes the block file; QEMU: its
@@ -26,12 +29,12 @@ CHANNELS="${*:-1 2 4}"
 MIB="${MULTIFD_BENCH_MIB:-1024}"
 WORK="${MULTIFD_BENCH_DIR:-/tmp/multifd-bench-migrate}"
 command -v iperf3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null
-cargo build --release --quiet -p multifd-std --bin multifd
+cargo build --release --quiet -p multifd-std --bin multifd --example loopback_floor
 BIN="$(pwd)/target/release/multifd"
 mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(iperf3 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
 PYTHONPATH="$(pwd)/scripts" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
-import json, os, subprocess, sys, time
+import json, os, re, subprocess, sys, time
 from benchlib import (Recv, Runs, make_image, qemu_dest, qemu_source, run_send, same_file, send_started,
                       start_migration)
 
@@ -77,6 +80,12 @@ def send_qdest(ch):
     return t1 - t0
 
 
+def floor(ch, prealloc):
+    args = [os.path.join(os.path.dirname(BIN), "examples", "loopback_floor"), IMAGE, str(ch)]
+    out = subprocess.run(args + (["--prealloc"] if prealloc else []), capture_output=True, text=True, check=True)
+    return float(re.search(r"loopback floor: ([0-9.]+) s", out.stdout).group(1))
+
+
 def iperf(ch):
     out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(IPERF_PORT), "-P", str(ch), "-t", "2", "-J"],
                          capture_output=True, text=True, check=True).stdout
@@ -90,7 +99,8 @@ server = subprocess.Popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subpro
 time.sleep(0.5)
 VARIANTS = [("ours_fresh", lambda c: ours(c, False)), ("qemu_fresh", lambda c: qemu(c, False)),
             ("ours_pre", lambda c: ours(c, True)), ("qemu_pre", lambda c: qemu(c, True)),
-            ("send_qdest", send_qdest), ("iperf3", iperf)]
+            ("send_qdest", send_qdest), ("iperf3", iperf), ("floor_fresh", lambda c: floor(c, False)),
+            ("floor_pre", lambda c: floor(c, True))]
 runs = Runs()
 try:
     warm = Runs()
@@ -115,5 +125,14 @@ for ch in CHANNELS:
           f"{m('ours_fresh', ch) / m('qemu_fresh', ch):.2f} | {m('ours_pre', ch):.3f} | {m('qemu_pre', ch):.3f} | "
           f"{m('ours_pre', ch) / m('qemu_pre', ch):.2f} | {wire:.0f} | {ip:.0f} | {wire / ip:.2f} | "
           f"{m('send_qdest', ch):.3f} | {m('qemu_pre', ch):.3f} | {m('send_qdest', ch) / m('qemu_pre', ch):.2f} |")
+print("\nThe floor (loopback_floor: the same bytes, nothing but writev and readv) against QEMU's time, i.e.")
+print("the best ratio any sender and receiver pair could reach on this machine:\n")
+print("| channels | floor fresh | floor/QEMU fresh (goal <= 0.5) | floor prealloc | floor/QEMU prealloc (goal <= 0.8) "
+      "| send->recv prealloc / floor |")
+print("|---:|---:|---:|---:|---:|---:|")
+for ch in CHANNELS:
+    ff, fp = m("floor_fresh", ch), m("floor_pre", ch)
+    print(f"| {ch} | {ff:.3f} | {ff / m('qemu_fresh', ch):.2f} | {fp:.3f} | {fp / m('qemu_pre', ch):.2f} | "
+          f"{m('ours_pre', ch) / fp:.2f} |")
 runs.report_failures()
 PY
