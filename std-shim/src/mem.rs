@@ -98,7 +98,8 @@ impl AnonMemory {
             return;
         }
         self.check(offset, len);
-        let page = 4096;
+        // SAFETY: `sysconf` only reads system configuration.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
         let start = offset / page * page;
         let end = (offset + len).div_ceil(page) * page;
         // SAFETY: `start..end` covers whole pages of the mapping: `offset + len <= self.len`
