@@ -22,6 +22,7 @@ pub mod lock;
 pub mod recv;
 #[allow(unsafe_code)]
 pub mod send;
+pub mod stall;
 #[allow(unsafe_code)]
 pub(crate) mod sync;
 pub mod wire;

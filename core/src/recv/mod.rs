@@ -51,9 +51,13 @@
 
 mod epoch;
 mod main;
+mod session;
 
 pub use epoch::{EpochBarrier, EpochError};
 pub use main::{MainAction, MainRecv, MainStats, SyncMode};
+pub use session::{
+    BlockListStep, Declared, Identity, MainState, MainStep, MainStream, RecvSession, SessionConfig, Totals,
+};
 
 use core::fmt;
 
@@ -159,6 +163,142 @@ pub enum RecvError {
     },
     /// An epoch did not pair up.
     Epoch(EpochError),
+    /// A connection's first bytes or its init packet were refused (magic, version, channel id out
+    /// of range or already connected, uuid).
+    Handshake {
+        /// What was wrong.
+        error: DecodeError,
+    },
+    /// A second connection began with the main stream's magic.
+    DuplicateMain,
+    /// A connection closed before it could be identified.
+    ClosedEarly {
+        /// Bytes it had sent.
+        have: usize,
+    },
+    /// The main stream's block list is unusable.
+    BlockList(BlockListError),
+    /// The main stream's connection closed before the stream's end (inside a record, or before its
+    /// EOF record).
+    MainClosed {
+        /// Bytes of the main stream received.
+        position: u64,
+        /// What the parser still needed.
+        error: StreamError,
+    },
+    /// The main stream ended while a channel was parked at a SYNC that no marker can release now.
+    SyncWithoutMarker {
+        /// The channel.
+        channel: ChannelId,
+        /// Markers the main stream had.
+        markers: u32,
+    },
+    /// A worker asked for a channel that was not identified, or that another worker has.
+    ChannelClaim {
+        /// The channel.
+        channel: ChannelId,
+    },
+    /// At the end: the main stream has not ended (its end was not reported).
+    MainNotEnded,
+    /// At the end: a channel's stream did not end cleanly at a packet boundary.
+    ChannelNotEnded {
+        /// The channel.
+        channel: ChannelId,
+    },
+    /// At the end: pages of a block were never received.
+    Incomplete {
+        /// The block.
+        block: Name,
+        /// Pages received.
+        received: u64,
+        /// Pages in the block.
+        pages: u64,
+    },
+    /// At the end: channel workers panicked.
+    WorkerPanicked {
+        /// How many.
+        count: u8,
+    },
+    /// At the end: the migration was terminated by an error recorded in the session's coordinator
+    /// (that error is the migration's; this one only says the completion checks did not run).
+    Terminated,
+}
+
+/// Why a block list was refused (see [`RecvError::BlockList`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum BlockListError {
+    /// RAM data, a sync marker or EOF came before the block list was complete.
+    DataBeforeList {
+        /// Byte position of the record in the main stream.
+        position: u64,
+    },
+    /// The MEM_SIZE total is zero: no blocks.
+    Empty,
+    /// More blocks than the receiver has room for.
+    TooManyBlocks {
+        /// The receiver's capacity.
+        max: usize,
+    },
+    /// A block's name or used length is invalid.
+    BadBlock {
+        /// The name (as sent).
+        block: Name,
+        /// What was wrong.
+        error: BlockError,
+    },
+    /// Two entries of the list have one name.
+    DuplicateBlock {
+        /// The name.
+        block: Name,
+    },
+    /// The list declares more RAM than the receiver's limit.
+    TooMuchRam {
+        /// The block that crossed the limit.
+        block: Name,
+        /// Its used length.
+        size: u64,
+        /// Bytes declared so far, this block included.
+        total: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A second block list arrived after the first one was complete.
+    Repeated {
+        /// Byte position of its MEM_SIZE record.
+        position: u64,
+    },
+    /// The block table the embedder built does not match the declared list.
+    TableMismatch {
+        /// The first declared block missing from the table or different in it.
+        block: Name,
+    },
+    /// The block table was started before the block list was complete.
+    NotComplete,
+}
+
+impl fmt::Display for BlockListError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DataBeforeList { position } => {
+                write!(f, "RAM data or a marker at byte {position} before the block list was complete")
+            }
+            Self::Empty => write!(f, "the block list declares no RAM (MEM_SIZE total 0)"),
+            Self::TooManyBlocks { max } => write!(f, "more than {max} blocks declared"),
+            Self::BadBlock { block, error } => write!(f, "block {block}: {error}"),
+            Self::DuplicateBlock { block } => write!(f, "block {block} is declared twice"),
+            Self::TooMuchRam { block, size, total, limit } => write!(
+                f,
+                "block {block}: declares {size} bytes, {total} bytes of RAM in all, above the limit of {limit} bytes"
+            ),
+            Self::Repeated { position } => write!(f, "a second block list at byte {position}"),
+            Self::TableMismatch { block } => {
+                write!(f, "block {block} of the block list is not in the destination's block table as declared")
+            }
+            Self::NotComplete => write!(f, "the block table was started before the block list was complete"),
+        }
+    }
 }
 
 impl fmt::Display for Cut {
@@ -179,9 +319,10 @@ impl fmt::Display for RecvError {
             Self::Block { channel, packet, block, error } => {
                 write!(f, "{channel}: packet {packet}: block {block}: {error}")
             }
-            Self::Truncated { channel, packet, cut } => {
-                write!(f, "{channel}: stream ended {cut} (packet {packet})")
-            }
+            Self::Truncated { channel, packet, cut } => write!(
+                f,
+                "{channel}: stream ended {cut} (packet {packet}): closed by the sender (migration aborted by the peer or connection cut)"
+            ),
             Self::Overrun { channel, got, wanted } => {
                 write!(f, "{channel}: {got} bytes reported, only {wanted} were asked for")
             }
@@ -191,6 +332,29 @@ impl fmt::Display for RecvError {
                 write!(f, "main stream: block {block}, page at {offset:#x}: {error}")
             }
             Self::Epoch(e) => write!(f, "{e}"),
+            Self::Handshake { error } => write!(f, "{error}"),
+            Self::DuplicateMain => write!(f, "a second main stream connected"),
+            Self::ClosedEarly { have } => write!(f, "closed after {have} bytes, before it could be identified"),
+            Self::BlockList(e) => write!(f, "main stream: {e}"),
+            Self::MainClosed { position, error } => write!(
+                f,
+                "main stream at byte {position}: {error}: closed by the sender (migration aborted by the peer or connection cut)"
+            ),
+            Self::SyncWithoutMarker { channel, markers } => write!(
+                f,
+                "{channel}: parked at SYNC {} but the main stream ended after {markers} sync markers",
+                markers.saturating_add(1)
+            ),
+            Self::ChannelClaim { channel } => {
+                write!(f, "{channel}: not identified, or its worker was already handed out")
+            }
+            Self::MainNotEnded => write!(f, "main stream: its end was never reported"),
+            Self::ChannelNotEnded { channel } => write!(f, "{channel}: its stream did not end at a packet boundary"),
+            Self::Incomplete { block, received, pages } => {
+                write!(f, "block {block}: only {received} of {pages} pages were received")
+            }
+            Self::WorkerPanicked { count } => write!(f, "{count} channel worker(s) panicked"),
+            Self::Terminated => write!(f, "the migration was terminated by an earlier error"),
         }
     }
 }

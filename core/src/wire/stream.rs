@@ -461,6 +461,13 @@ impl StreamParser {
         matches!(self.state, State::AfterEof | State::Done)
     }
 
+    /// Whether the parser is inside a block list: after a MEM_SIZE record whose total the entries
+    /// read so far do not yet add up to. The list ends with the entry that brings the remaining total
+    /// to zero (an entry past it is [`StreamError::BlockListOverrun`]), as QEMU's loader reads it.
+    pub fn in_block_list(&self) -> bool {
+        matches!(self.state, State::ListNameLen { .. } | State::ListEntry { .. })
+    }
+
     /// The current block of RAM records (`None` before the first named record).
     pub fn current_block(&self) -> Option<&[u8]> {
         self.block_len.map(|n| &self.block[..usize::from(n)])
