@@ -81,6 +81,10 @@ tier1_lint() {
 tier2_test() {
   set -e
   cargo test --workspace
+  # The embedding examples: each a whole migration (send engine, in-memory transport, receive
+  # session) that checks the destination byte for byte and exits non-zero otherwise.
+  cargo run -q -p multifd-core --example embed_send
+  cargo run -q -p multifd-core --example embed_recv
   cargo test -p multifd-core --features log
   cargo test -p multifd-core --features defmt
 }
