@@ -719,3 +719,57 @@ impl<const B: usize> List<B> {
 
 #[cfg(all(test, not(loom)))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::wire::Geometry;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    fn session() -> Arc<RecvSession<(), RecvError, 2>> {
+        let packet = PacketConfig::new(Geometry::new(4096).unwrap());
+        Arc::new(RecvSession::new(SessionConfig::new(2, packet)).unwrap())
+    }
+
+    /// Two connections race with the same channel id, and two with the main stream's magic: each
+    /// role goes to exactly one of them, and the other gets the duplicate error.
+    #[test]
+    fn loom_identification_gives_each_role_to_one_connection() {
+        loom::model(|| {
+            let s = session();
+            let mut init = [0u8; INIT_PACKET_LEN];
+            InitPacket { uuid: [0; 16], id: 1 }.encode(&mut init).unwrap();
+            let s2 = s.clone();
+            let t = thread::spawn(move || (s2.identify(&init), s2.identify(b"QEVM")));
+            let (mine, main) = (s.identify(&init), s.identify(b"QEVM"));
+            let (theirs, their_main) = t.join().unwrap();
+            let dup = Err(RecvError::Handshake { error: DecodeError::DuplicateChannel { id: 1 } });
+            assert!(
+                (mine == Ok(Identity::Channel(ChannelId(1))) && theirs == dup)
+                    || (theirs == Ok(Identity::Channel(ChannelId(1))) && mine == dup)
+            );
+            assert!(
+                (main == Ok(Identity::Main) && their_main == Err(RecvError::DuplicateMain))
+                    || (their_main == Ok(Identity::Main) && main == Err(RecvError::DuplicateMain))
+            );
+            assert!(s.channel_connected(ChannelId(1)) && !s.channel_connected(ChannelId(0)));
+        });
+    }
+
+    /// Two workers claim one identified channel: exactly one gets it.
+    #[test]
+    fn loom_a_channel_is_claimed_once() {
+        loom::model(|| {
+            let s = session();
+            let mut init = [0u8; INIT_PACKET_LEN];
+            InitPacket { uuid: [0; 16], id: 0 }.encode(&mut init).unwrap();
+            s.identify(&init).unwrap();
+            let s2 = s.clone();
+            let t = thread::spawn(move || s2.channel(ChannelId(0)).is_ok());
+            let mine = s.channel(ChannelId(0)).is_ok();
+            let theirs = t.join().unwrap();
+            assert!(mine ^ theirs, "claimed by both or by neither");
+        });
+    }
+}
