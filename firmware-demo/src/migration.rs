@@ -500,7 +500,7 @@ impl Platform for Coop<'_, '_> {
         if self.refuse == Some(channel.0) {
             return Err(MigError::StartRefused(channel.0));
         }
-        let ch = self.engine.channel(channel);
+        let ch = self.engine.channel(channel).map_err(|_| MigError::StartRefused(channel.0))?;
         let init = ch.init_packet(UUID);
         let pushed = self.dest.lock(|d| d.push(Some(channel.index()), &init, self.table));
         if pushed.is_err() {
