@@ -395,7 +395,7 @@ impl<'a> ReceivedBitmap<'a> {
 
     /// Maximal runs of received pages, in increasing order. Test-only: the checker of
     /// [`iter_clear_runs`](Self::iter_clear_runs) and of imports; nothing outside needs it.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn iter_set_runs(&self) -> Runs<'_> {
         Runs { words: self.words, pages: self.pages, pos: 0, want_set: true }
     }
