@@ -80,9 +80,6 @@ fn iterate(c: &mut Criterion) {
     let cases: [(&str, &ReceivedBitmap<'_>); 3] =
         [("clean", &clean), ("half_set_alternate_pages", &alternate), ("half_set_first_half", &first_half)];
     for (name, bitmap) in cases {
-        g.bench_with_input(BenchmarkId::new("set_runs", name), bitmap, |bench, bm| {
-            bench.iter(|| bm.iter_set_runs().map(|r| r.len).sum::<usize>());
-        });
         g.bench_with_input(BenchmarkId::new("clear_runs", name), bitmap, |bench, bm| {
             bench.iter(|| bm.iter_clear_runs().map(|r| r.len).sum::<usize>());
         });

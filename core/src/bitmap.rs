@@ -4,7 +4,8 @@
 //! The destination uses it for three things: to decide whether a zero page may be skipped (a page
 //! never received on zero-initialised memory already reads as zero), to answer "is this page here?"
 //! on the postcopy fault path, and to tell the source, after a postcopy network failure, which pages
-//! it still has to send (see [`ReceivedBitmap::export`]).
+//! it still has to send (see [`ReceivedBitmap::export`]; postcopy is not implemented yet, so that
+//! part of the API, `export`/`import` and their errors, `iter_clear_runs`, waits for it).
 //!
 //! # Storage and concurrency
 //!
@@ -35,8 +36,8 @@
 //! assert!(!bitmap.test_and_set(PageIndex::new(3))?, "first time: the bit was clear");
 //! assert!(bitmap.test(PageIndex::new(65))?);
 //! assert_eq!(bitmap.count(), 11);
-//! let runs: Vec<_> = bitmap.iter_set_runs().map(|r| (r.first.get(), r.len)).collect();
-//! assert_eq!(runs, [(3, 1), (60, 10)]);
+//! let missing: Vec<_> = bitmap.iter_clear_runs().map(|r| (r.first.get(), r.len)).collect();
+//! assert_eq!(missing, [(0, 3), (4, 56), (70, 30)]);
 //! # Ok::<(), Box<dyn core::error::Error>>(())
 //! ```
 
@@ -56,7 +57,9 @@ pub const fn words_for(pages: usize) -> usize {
     pages.div_ceil(WORD_BITS)
 }
 
-/// The 64-bit value that ends one block's bitmap in QEMU's postcopy-recovery layout.
+/// The 64-bit value that ends one block's bitmap in QEMU's postcopy-recovery layout. Used by
+/// [`ReceivedBitmap::export`] and [`ReceivedBitmap::import`], whose intended user is postcopy
+/// recovery (not implemented yet).
 pub const RECV_BITMAP_END_MARK: u64 = 0x0123_4567_89ab_cdef;
 
 /// Index of a page inside one RAM block (byte offset divided by the block's page size).
@@ -82,8 +85,8 @@ impl fmt::Display for PageIndex {
     }
 }
 
-/// A maximal run of consecutive pages whose bits are all set (or all clear), from the iterators
-/// [`ReceivedBitmap::iter_set_runs`] and [`ReceivedBitmap::iter_clear_runs`].
+/// A maximal run of consecutive pages whose bits are all clear, from
+/// [`ReceivedBitmap::iter_clear_runs`] (intended user: postcopy recovery, see there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct PageRun {
@@ -154,7 +157,8 @@ impl fmt::Display for BitmapError {
 
 impl core::error::Error for BitmapError {}
 
-/// Why [`ReceivedBitmap::export`] could not write its output.
+/// Why [`ReceivedBitmap::export`] could not write its output. Not used yet: its intended user is postcopy recovery (see
+/// [`ReceivedBitmap::export`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
@@ -181,6 +185,7 @@ impl fmt::Display for ExportError {
 impl core::error::Error for ExportError {}
 
 /// Why bytes in QEMU's postcopy-recovery bitmap layout were rejected by [`ReceivedBitmap::import`].
+/// Not used yet: its intended user is postcopy recovery (see [`ReceivedBitmap::import`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
@@ -388,23 +393,28 @@ impl<'a> ReceivedBitmap<'a> {
             .sum()
     }
 
-    /// Maximal runs of received pages, in increasing order.
-    pub fn iter_set_runs(&self) -> Runs<'_> {
+    /// Maximal runs of received pages, in increasing order. Test-only: the checker of
+    /// [`iter_clear_runs`](Self::iter_clear_runs) and of imports; nothing outside needs it.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn iter_set_runs(&self) -> Runs<'_> {
         Runs { words: self.words, pages: self.pages, pos: 0, want_set: true }
     }
 
-    /// Maximal runs of pages not yet received, in increasing order.
+    /// Maximal runs of pages not yet received, in increasing order. Not used yet: its intended user is postcopy recovery: a source
+    /// that [`import`](Self::import)ed the destination's bitmap resends exactly these runs (QEMU
+    /// turns the received bitmap into the dirty bitmap, `ram_dirty_bitmap_reload`).
     pub fn iter_clear_runs(&self) -> Runs<'_> {
         Runs { words: self.words, pages: self.pages, pos: 0, want_set: false }
     }
 
     /// Bytes of bitmap in QEMU's postcopy-recovery layout for `pages` pages: one bit per page rounded
-    /// up to whole bytes, then up to a multiple of 8.
+    /// up to whole bytes, then up to a multiple of 8. Not used yet: its intended user is postcopy recovery (see [`export`](Self::export)).
     pub const fn export_bitmap_len(pages: usize) -> usize {
         pages.div_ceil(8).next_multiple_of(8)
     }
 
     /// Bytes [`export`](Self::export) writes: the 8-byte length, the bitmap, the 8-byte end mark.
+    /// Not used yet: its intended user is postcopy recovery (see [`export`](Self::export)).
     pub const fn export_len(&self) -> usize {
         8 + Self::export_bitmap_len(self.pages) + 8
     }
@@ -419,6 +429,11 @@ impl<'a> ReceivedBitmap<'a> {
     ///
     /// Returns the bytes written ([`export_len`](Self::export_len)). The layout does not depend on the
     /// native word width.
+    ///
+    /// Not used yet: its intended user is postcopy recovery: after a postcopy network failure the destination sends each
+    /// block's received bitmap back to the source on the return path in this layout (QEMU's
+    /// `ramblock_recv_bitmap_send`, message `MIG_RP_MSG_RECV_BITMAP`), so the source resends only
+    /// what is missing.
     pub fn export(&self, out: &mut [u8]) -> Result<usize, ExportError> {
         let need = self.export_len();
         let Some(out) = out.get_mut(..need) else {
@@ -443,6 +458,10 @@ impl<'a> ReceivedBitmap<'a> {
     /// Reads one block's bitmap in the layout [`export`](Self::export) writes and sets every page it
     /// marks (bits already set stay set). The input is checked completely first: on error nothing is
     /// changed. Returns the bytes consumed.
+    ///
+    /// Not used yet: its intended user is postcopy recovery, on the source side: it reads the bitmap the destination sent
+    /// with [`export`](Self::export) (QEMU's `ram_dirty_bitmap_reload`); the tests use it to check the
+    /// exporter.
     pub fn import(&self, input: &[u8]) -> Result<usize, ImportError> {
         let read_u64 = |at: usize| -> Result<u64, ImportError> {
             let need = at + 8;
@@ -488,7 +507,8 @@ impl<'a> ReceivedBitmap<'a> {
     }
 }
 
-/// Iterator over maximal runs of set or clear pages; see [`ReceivedBitmap::iter_set_runs`].
+/// Iterator over maximal runs of clear (or, in tests, set) pages; see
+/// [`ReceivedBitmap::iter_clear_runs`].
 #[derive(Debug)]
 pub struct Runs<'b> {
     words: &'b [AtomicWord],

@@ -896,10 +896,10 @@ mod tests {
         let slot: TableSlot<'_, Recorder, 2> = TableSlot::new();
         assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
 
-        slot.install(ZeroPagePolicy::SkipUntouched, |t| t.add(&spec(8, true), &mem, &w).map(drop)).unwrap();
-        assert_eq!(slot.install(ZeroPagePolicy::SkipUntouched, |_| Ok(())), Err(ReleaseError::Occupied));
-
         let coord = Coord::new(2).unwrap();
+        slot.install(coord.id(), ZeroPagePolicy::SkipUntouched, |t| t.add(&spec(8, true), &mem, &w).map(drop)).unwrap();
+        assert_eq!(slot.install(coord.id(), ZeroPagePolicy::SkipUntouched, |_| Ok(())), Err(ReleaseError::Occupied));
+
         assert_eq!(coord.create_all(&Inline, |_| Ok(())).map(|r| r.started), Ok(2));
         let lease = slot.lease().unwrap();
         let second = slot.lease().unwrap();
@@ -923,7 +923,8 @@ mod tests {
         assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
 
         // The storage is free again: the next migration's table reuses it, with a clean bitmap.
-        slot.install(ZeroPagePolicy::AlwaysPopulate, |t| t.add(&spec(8, true), &mem, &w).map(drop)).unwrap();
+        slot.install(coord.id(), ZeroPagePolicy::AlwaysPopulate, |t| t.add(&spec(8, true), &mem, &w).map(drop))
+            .unwrap();
         let lease = slot.lease().unwrap();
         lease.with(|t| {
             assert_eq!(t.policy(), ZeroPagePolicy::AlwaysPopulate);
@@ -936,12 +937,13 @@ mod tests {
         let (mem, w) = (Recorder::new(8 * PS, 0), words(8));
         let slot: TableSlot<'_, Recorder, 1> = TableSlot::new();
         let bad = BlockSpec { used_len: 100, ..spec(8, true) };
+        let owner = Coord::new(1).unwrap().id();
         assert_eq!(
-            slot.install(ZeroPagePolicy::SkipUntouched, |t| t.add(&bad, &mem, &w).map(drop)),
+            slot.install(owner, ZeroPagePolicy::SkipUntouched, |t| t.add(&bad, &mem, &w).map(drop)),
             Err(ReleaseError::Build(BlockError::BadUsedLength { used_len: 100, page_size: 1024 }))
         );
         assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
-        slot.install(ZeroPagePolicy::SkipUntouched, |t| t.add(&spec(8, true), &mem, &w).map(drop)).unwrap();
+        slot.install(owner, ZeroPagePolicy::SkipUntouched, |t| t.add(&spec(8, true), &mem, &w).map(drop)).unwrap();
         assert_eq!(slot.lease().unwrap().with(|t| t.len()), 1);
     }
 
@@ -952,7 +954,9 @@ mod tests {
         static WORDS: [AtomicWord; 1] = [const { AtomicWord::new(0) }];
         static REGION: AtomicRegion<'static> = AtomicRegion::new(&MEM);
         static SLOT: TableSlot<'static, AtomicRegion<'static>, 1> = TableSlot::new();
-        SLOT.install(ZeroPagePolicy::SkipUntouched, |t| t.add(&spec(4, true), &REGION, &WORDS).map(drop)).unwrap();
+        let coord = Coord::new(1).unwrap();
+        SLOT.install(coord.id(), ZeroPagePolicy::SkipUntouched, |t| t.add(&spec(4, true), &REGION, &WORDS).map(drop))
+            .unwrap();
         std::thread::scope(|s| {
             for i in 0..2 {
                 s.spawn(move || {
@@ -962,7 +966,6 @@ mod tests {
             }
         });
         // The scope joined both workers; a coordinator that started none gives the token.
-        let coord = Coord::new(1).unwrap();
         assert_eq!(SLOT.release(&coord.cleanup(&Inline).unwrap()), Ok(()));
         assert_eq!(WORDS[0].load(Ordering::Relaxed), 0b11, "both workers' bits landed before release");
     }

@@ -59,8 +59,10 @@
 //!    is where the embedder shuts its transports down and unparks its workers.
 //! 5. **Release after join.** [`Coordinator::cleanup`] returns an [`AllJoined`] token only after every
 //!    started worker was joined. Shared state that workers borrow (block tables, bitmaps, buffers)
-//!    is released through calls that require this token. On std the shim also runs workers as scoped
-//!    threads, so the compiler proves the borrowed state outlives them.
+//!    is released through calls that require this token; the token names its coordinator
+//!    ([`CoordinatorId`]), such state is bound to one coordinator when it is made, and a token of
+//!    another coordinator is refused with [`ForeignToken`]. On std the shim also runs workers as
+//!    scoped threads, so the compiler proves the borrowed state outlives them.
 //! 6. **First error wins.** [`Coordinator::record_error`] keeps the first error; later ones are
 //!    counted, not lost silently. Recording an error terminates the migration.
 //! 7. **One cleanup owner; terminate is idempotent.** A second [`Coordinator::cleanup`] is refused with
@@ -461,11 +463,56 @@ pub struct CleanupReport {
     pub sealed: u8,
 }
 
+/// Which [`Coordinator`] something belongs to: the coordinator's address, from [`Coordinator::id`].
+///
+/// Two coordinators alive at the same time have different ids. State whose workers belong to one
+/// coordinator is bound to its id when it is made (before any worker can reach it), and its release
+/// calls refuse an [`AllJoined`] token of any other coordinator with [`ForeignToken`]. The id is only
+/// an address: the coordinator must stay where it is (not be moved or dropped) while the state bound
+/// to it is in use. A coordinator that moved afterwards gets another id, so its tokens are refused,
+/// which fails safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct CoordinatorId(usize);
+
+impl CoordinatorId {
+    /// No coordinator: what unbound state holds. No coordinator has this id, so it matches no token.
+    pub(crate) const NONE: CoordinatorId = CoordinatorId(0);
+}
+
+impl fmt::Display for CoordinatorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "coordinator at {:#x}", self.0)
+    }
+}
+
+/// An [`AllJoined`] token of one coordinator was offered for state bound to another: it proves
+/// nothing about the workers that can reach that state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ForeignToken {
+    /// The coordinator the state is bound to.
+    pub bound: CoordinatorId,
+    /// The coordinator that made the token.
+    pub token: CoordinatorId,
+}
+
+impl fmt::Display for ForeignToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the all-joined token is from the {}, but the state is bound to the {}", self.token, self.bound)
+    }
+}
+
+impl core::error::Error for ForeignToken {}
+
 /// Proof that every worker a [`Coordinator`] started has been joined, so nothing they borrowed is in
-/// use any more. Only [`Coordinator::cleanup`] and [`Coordinator::all_joined`] make one.
+/// use any more. Only [`Coordinator::cleanup`] and [`Coordinator::all_joined`] make one. It names its
+/// coordinator ([`AllJoined::coordinator`]) and borrows it, so the coordinator cannot move or go
+/// while the token lives; release calls check it with [`AllJoined::covers`].
 #[derive(Debug)]
 pub struct AllJoined<'a> {
     report: CleanupReport,
+    coordinator: CoordinatorId,
     _coordinator: core::marker::PhantomData<&'a ()>,
 }
 
@@ -473,6 +520,17 @@ impl AllJoined<'_> {
     /// What cleanup did.
     pub fn report(&self) -> CleanupReport {
         self.report
+    }
+
+    /// The coordinator whose workers this token proves joined.
+    pub fn coordinator(&self) -> CoordinatorId {
+        self.coordinator
+    }
+
+    /// `Ok` if this token proves the workers of `bound` joined (it is `bound`'s token); otherwise
+    /// [`ForeignToken`] naming both coordinators.
+    pub fn covers(&self, bound: CoordinatorId) -> Result<(), ForeignToken> {
+        if self.coordinator == bound { Ok(()) } else { Err(ForeignToken { bound, token: self.coordinator }) }
     }
 }
 
@@ -614,6 +672,12 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
     pub(crate) fn with_bug(mut self, bug: InjectedBug) -> Self {
         self.bug = bug;
         self
+    }
+
+    /// This coordinator's identity (its address), which its [`AllJoined`] tokens carry. Bind state
+    /// its workers reach to it while the coordinator is at its final place (see [`CoordinatorId`]).
+    pub fn id(&self) -> CoordinatorId {
+        CoordinatorId(core::ptr::from_ref(self).addr())
     }
 
     /// Number of channels in this migration.
@@ -908,7 +972,7 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
             "multifd: cleanup joined {} workers ({} panicked), sealed {}",
             report.joined, report.panicked, report.sealed
         );
-        Ok(AllJoined { report, _coordinator: core::marker::PhantomData })
+        Ok(AllJoined { report, coordinator: self.id(), _coordinator: core::marker::PhantomData })
     }
 
     /// Cleanup of one channel: seal it if no worker can exist yet, wait out a start in progress, join
@@ -988,7 +1052,7 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
                 _ => {}
             }
         }
-        Ok(AllJoined { report, _coordinator: core::marker::PhantomData })
+        Ok(AllJoined { report, coordinator: self.id(), _coordinator: core::marker::PhantomData })
     }
 }
 

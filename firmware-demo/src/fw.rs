@@ -201,7 +201,7 @@ fn page_is(region: &AtomicRegion<'_>, page: usize, byte: u8) -> bool {
 }
 
 fn scenario_blocks(c: &mut Checks) {
-    let installed = TABLE.install(ZeroPagePolicy::SkipUntouched, |table| {
+    let installed = TABLE.install(BLOCKS_COORD.id(), ZeroPagePolicy::SkipUntouched, |table| {
         let size = PageSize::DEFAULT;
         let a = BlockSpec { name: b"pc.ram", used_len: (PAGES_A * PAGE) as u64, page_size: size, memory_zeroed: true };
         let b =

@@ -15,7 +15,7 @@ use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{
     AtomicRegion, AtomicU8, BlockSpec, BlockTable, GuestMemory, PageSize, TableSlot, ZeroPagePolicy,
 };
-use multifd_core::lifecycle::{ChannelId, Coordinator, Platform, Wake, WorkerExit};
+use multifd_core::lifecycle::{ChannelId, Coordinator, CoordinatorId, Platform, Wake, WorkerExit};
 use multifd_core::lock::SpinLock;
 use multifd_core::recv::{EpochBarrier, MainAction, MainRecv, RecvChannel, RecvError, SyncMode};
 use multifd_core::send::{
@@ -156,10 +156,10 @@ pub(crate) fn guards_intact() -> bool {
     })
 }
 
-/// Installs the destination block table over the arenas.
-pub(crate) fn install_dest(regions: &'static [AtomicRegion<'static>; 2]) -> bool {
+/// Installs the destination block table over the arenas, for the workers of coordinator `owner`.
+pub(crate) fn install_dest(regions: &'static [AtomicRegion<'static>; 2], owner: CoordinatorId) -> bool {
     DEST_TABLE
-        .install(ZeroPagePolicy::SkipUntouched, |t| {
+        .install(owner, ZeroPagePolicy::SkipUntouched, |t| {
             for (block, region) in regions.iter().enumerate() {
                 let spec = BlockSpec {
                     name: NAMES[block],
@@ -500,7 +500,7 @@ impl Platform for Coop<'_, '_> {
         if self.refuse == Some(channel.0) {
             return Err(MigError::StartRefused(channel.0));
         }
-        let ch = self.engine.channel(channel);
+        let ch = self.engine.channel(channel).map_err(|_| MigError::StartRefused(channel.0))?;
         let init = ch.init_packet(UUID);
         let pushed = self.dest.lock(|d| d.push(Some(channel.index()), &init, self.table));
         if pushed.is_err() {
@@ -647,13 +647,13 @@ pub(crate) fn run(source: &Source, fault: Fault) -> Outcome {
         all_bits: false,
         offset_error: false,
     };
-    if !install_dest(regions) {
-        return out;
-    }
     let recv_coord: Coordinator<ChannelId, MigError, 4> = match Coordinator::new(CHANNELS) {
         Ok(c) => c,
         Err(_) => return out,
     };
+    if !install_dest(regions, recv_coord.id()) {
+        return out;
+    }
     let _ = recv_coord.create_all(&RecvWorkers, |_| Ok(()));
     let Ok(lease) = DEST_TABLE.lease() else { return out };
     lease.with(|table| {

@@ -16,14 +16,17 @@
 //!
 //! Bytes are reached only through raw pointers ([`GuestMemory::raw_range`] for socket reads, raw
 //! copies otherwise): no `&`/`&mut [u8]` over the mapping exists while workers run, since a hostile
-//! peer may send one page on two channels at once. After every worker is joined,
-//! [`AnonMemory::bytes`] lends the contents as a slice, which needs the lifecycle's `AllJoined` token.
+//! peer may send one page on two channels at once. A mapping is made for the workers of one
+//! lifecycle coordinator (its `CoordinatorId`, given to [`AnonMemory::new`], before any worker can
+//! reach the mapping). After every worker is joined, [`AnonMemory::bytes`] lends the contents as a
+//! slice, which needs that coordinator's `AllJoined` token: a token of another coordinator proves
+//! nothing about this mapping's writers and is refused.
 
 use std::io;
 use std::ptr::NonNull;
 
 use multifd_core::block::GuestMemory;
-use multifd_core::lifecycle::AllJoined;
+use multifd_core::lifecycle::{AllJoined, CoordinatorId, ForeignToken};
 
 /// How to populate a fresh mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +43,8 @@ pub struct AnonMemory {
     ptr: NonNull<u8>,
     len: usize,
     lazy: bool,
+    /// The coordinator whose workers write the mapping; only its token unlocks [`AnonMemory::bytes`].
+    owner: CoordinatorId,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; all access from shared references goes
@@ -47,12 +52,14 @@ pub struct AnonMemory {
 // published to readers through the received bitmap).
 unsafe impl Send for AnonMemory {}
 // SAFETY: as for `Send`: no method hands out a reference over the bytes while `&self` is shared,
-// except `bytes`, which requires proof that every worker was joined.
+// except `bytes`, which requires proof that every worker of the owning coordinator was joined.
 unsafe impl Sync for AnonMemory {}
 
 impl AnonMemory {
-    /// Maps `len` bytes (rounded up to the system page size, at least one page).
-    pub fn new(len: usize, populate: Populate) -> io::Result<Self> {
+    /// Maps `len` bytes (rounded up to the system page size, at least one page) for the workers of
+    /// the coordinator `owner` (`Coordinator::id`): only its `AllJoined` token unlocks
+    /// [`AnonMemory::bytes`]. The coordinator must not move while the mapping is in use.
+    pub fn new(len: usize, populate: Populate, owner: CoordinatorId) -> io::Result<Self> {
         let map_len = len.max(1);
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choice: no existing memory
@@ -72,7 +79,7 @@ impl AnonMemory {
         let Some(ptr) = NonNull::new(ptr.cast::<u8>()) else {
             return Err(io::Error::other("mmap returned a null mapping"));
         };
-        let mem = Self { ptr, len, lazy: populate == Populate::Lazy };
+        let mem = Self { ptr, len, lazy: populate == Populate::Lazy, owner };
         if populate == Populate::Touch {
             // SAFETY: the range is the mapping just created; populating it changes no contents.
             let populated = unsafe { libc::madvise(ptr.as_ptr().cast(), map_len, libc::MADV_POPULATE_WRITE) } == 0;
@@ -108,11 +115,14 @@ impl AnonMemory {
         unsafe { libc::madvise(self.ptr.as_ptr().add(start).cast(), end - start, libc::MADV_POPULATE_WRITE) };
     }
 
-    /// The contents, once every worker that could write them has been joined.
-    pub fn bytes<'m>(&'m self, _joined: &AllJoined<'_>) -> &'m [u8] {
-        // SAFETY: the token proves every worker of the migration was joined, so no raw writer is left;
-        // the mapping is valid for `len` bytes while `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    /// The contents, once every worker that could write them has been joined: `joined` must be the
+    /// token of the coordinator the mapping was made for, or the call is refused with
+    /// [`ForeignToken`] naming both coordinators.
+    pub fn bytes<'m>(&'m self, joined: &AllJoined<'_>) -> Result<&'m [u8], ForeignToken> {
+        joined.covers(self.owner)?;
+        // SAFETY: the token is the owning coordinator's and proves every worker it started was
+        // joined, so no raw writer is left; the mapping is valid for `len` bytes while `self` lives.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) })
     }
 
     fn check(&self, offset: usize, len: usize) {
@@ -166,11 +176,47 @@ impl GuestMemory for AnonMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use multifd_core::lifecycle::{ChannelId, Coordinator, Platform, Wake, WorkerExit};
+    use std::convert::Infallible;
+
+    type Coord = Coordinator<(), Infallible, 1>;
+
+    /// Runs no thread: enough to take a coordinator through cleanup.
+    struct NoThreads;
+
+    impl Wake for NoThreads {
+        fn wake(&self, _: ChannelId) {}
+    }
+
+    impl Platform for NoThreads {
+        type Handle = ();
+        type Error = Infallible;
+        fn start(&self, _: ChannelId) -> Result<(), Infallible> {
+            Ok(())
+        }
+        fn join(&self, _: ChannelId, _: ()) -> WorkerExit {
+            WorkerExit::Returned
+        }
+    }
+
+    /// Before the fix any coordinator's token lent the bytes, even while this mapping's own workers
+    /// (another coordinator's) could still write them.
+    #[test]
+    fn bytes_refuses_the_token_of_another_coordinator() {
+        let (owner, stranger) = (Coord::new(1).unwrap(), Coord::new(1).unwrap());
+        let m = AnonMemory::new(4096, Populate::Lazy, owner.id()).unwrap();
+        assert_eq!(owner.create_all(&NoThreads, |_| Ok(())).map(|r| r.started), Ok(1));
+        m.write(7, b"x");
+        let foreign = stranger.cleanup(&NoThreads).unwrap();
+        assert_eq!(m.bytes(&foreign), Err(ForeignToken { bound: owner.id(), token: stranger.id() }));
+        let mine = owner.cleanup(&NoThreads).unwrap();
+        assert_eq!(m.bytes(&mine).map(|b| (b.len(), b[7])), Ok((4096, b'x')));
+    }
 
     #[test]
     fn fresh_memory_reads_zero_and_round_trips() {
         for populate in [Populate::Lazy, Populate::Touch] {
-            let m = AnonMemory::new(3 * 4096, populate).unwrap();
+            let m = AnonMemory::new(3 * 4096, populate, Coord::new(1).unwrap().id()).unwrap();
             let mut page = vec![1u8; 4096];
             m.read(4096, &mut page);
             assert!(page.iter().all(|&b| b == 0));
@@ -194,7 +240,7 @@ mod tests {
 
     #[test]
     fn prefault_populates_exactly_the_pages_under_the_range_and_keeps_them_zero() {
-        let m = AnonMemory::new(16 * 4096, Populate::Lazy).unwrap();
+        let m = AnonMemory::new(16 * 4096, Populate::Lazy, Coord::new(1).unwrap().id()).unwrap();
         assert_eq!(resident(&m, 16), vec![false; 16]);
         // Bytes 3*4096+5 .. 5*4096+5 lie in pages 3, 4 and 5.
         m.prefault(3 * 4096 + 5, 2 * 4096);
@@ -205,7 +251,7 @@ mod tests {
         let mut page = vec![1u8; 4096];
         m.read(4 * 4096, &mut page);
         assert!(page.iter().all(|&b| b == 0));
-        let t = AnonMemory::new(4 * 4096, Populate::Touch).unwrap();
+        let t = AnonMemory::new(4 * 4096, Populate::Touch, Coord::new(1).unwrap().id()).unwrap();
         assert_eq!(resident(&t, 4), vec![true; 4]);
     }
 }

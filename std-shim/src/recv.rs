@@ -776,13 +776,17 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant)
         error,
     })?;
 
+    // The coordinator exists first: every mapping is made for its workers (and only its token lends
+    // the bytes back).
+    let mut coord: Coordinator<WorkerToken, Failure, MAX_CHANNELS> =
+        Coordinator::new(n).map_err(|e| Failure::BlockList { place: Place::Listener, reason: e.to_string() })?;
     // Preallocated blocks are mapped and touched before anything is accepted.
     let mut pre: Vec<(Vec<u8>, u64, Option<AnonMemory>)> = Vec::new();
     for (name, size) in &opts.prealloc {
         let place = Place::Block(String::from_utf8_lossy(name).into_owned());
         let len = usize::try_from(*size)
             .map_err(|_| Failure::BlockList { place: place.clone(), reason: format!("size {size} does not fit") })?;
-        let mem = AnonMemory::new(len, Populate::Touch).map_err(|error| Failure::Io {
+        let mem = AnonMemory::new(len, Populate::Touch, coord.id()).map_err(|error| Failure::Io {
             place,
             doing: "mapping the preallocated block",
             error,
@@ -897,7 +901,11 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant)
                     place: place.clone(),
                     reason: format!("size {size} does not fit"),
                 })?;
-                AnonMemory::new(len, Populate::Lazy).map_err(|error| Failure::Io { place, doing: "mapping", error })?
+                AnonMemory::new(len, Populate::Lazy, coord.id()).map_err(|error| Failure::Io {
+                    place,
+                    doing: "mapping",
+                    error,
+                })?
             }
         };
         memories.push(mem);
@@ -929,8 +937,6 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant)
     }
 
     let cfg = PacketConfig::new(geometry);
-    let mut coord: Coordinator<WorkerToken, Failure, MAX_CHANNELS> =
-        Coordinator::new(n).map_err(|e| Failure::BlockList { place: Place::Listener, reason: e.to_string() })?;
     let barrier = EpochBarrier::new(n);
     let finished = AtomicUsize::new(0);
     let stats: Mutex<Vec<ChannelStats>> = Mutex::new(vec![ChannelStats::default(); usize::from(n)]);
@@ -1084,7 +1090,10 @@ fn finish(
         for (i, b) in report.blocks.iter().enumerate() {
             let tmp = opts.out.join(format!(".{}.part-{}", block_file_name(b.name.as_bytes()), std::process::id()));
             written.push(tmp.clone());
-            let bytes = &memories[i].bytes(token)[..b.size as usize];
+            let bytes = memories[i]
+                .bytes(token)
+                .map_err(|e| Failure::BlockList { place: Place::Block(b.name.clone()), reason: e.to_string() })?;
+            let bytes = &bytes[..b.size as usize];
             let mut f = fs::File::create(&tmp).map_err(|error| Failure::Io {
                 place: Place::Output(tmp.clone()),
                 doing: "creating",

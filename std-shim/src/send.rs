@@ -637,7 +637,13 @@ pub fn migrate_with<P: Precopy + ?Sized>(
     let worker = |id: ChannelId, waker: &StdWaker<'_>| {
         lock(&notify.workers)[id.index()] = Some(thread::current());
         let Some(stream) = lock(&streams)[id.index()].take() else { return };
-        let mut ch = engine_ref.channel(id);
+        let mut ch = match engine_ref.channel(id) {
+            Ok(ch) => ch,
+            Err(e) => {
+                engine_ref.lifecycle().record_error(waker, SendFailure::Engine(e));
+                return;
+            }
+        };
         ch.ready(&notify);
         loop {
             let out = match ch.next(waker) {
@@ -709,7 +715,7 @@ pub fn migrate_with<P: Precopy + ?Sized>(
             });
             let created = engine_ref.lifecycle().create_all(platform, |id| {
                 let stream = connect(opts.connect, format!("channel {}", id.0), limits)?;
-                let init = engine_ref.channel(id).init_packet(opts.uuid);
+                let init = multifd_core::send::init_packet(id, opts.uuid);
                 let mut w = &stream;
                 w.write_all(&init).map_err(|err| SendFailure::Channel { channel: id.0, packet_num: None, err })?;
                 lock(&shutdowns).push(stream.try_clone().map_err(SendFailure::Spawn)?);

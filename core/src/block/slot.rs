@@ -7,10 +7,13 @@
 //! not yet joined). The slot turns the rule into checks:
 //!
 //! - workers reach the table only through a [`TableLease`] (closure-scoped, counted);
+//! - [`TableSlot::install`] binds the table to the [`Coordinator`] whose workers will lease it (its
+//!   [`CoordinatorId`]), before any lease can be taken;
 //! - [`TableSlot::release`], which empties the slot so that the next migration can install a table
 //!   over the same storage, takes the lifecycle's [`AllJoined`] token (proof that every worker the
-//!   migration's [`Coordinator`] started has been joined) and is still refused while any lease is
-//!   held; [`TableSlot::release_after`] asks the coordinator for the token itself and fails with
+//!   migration's [`Coordinator`] started has been joined), refuses a token of any other coordinator
+//!   with [`ReleaseError::Foreign`], and is still refused while any lease is held;
+//!   [`TableSlot::release_after`] asks the coordinator for the token itself and fails with
 //!   [`ReleaseError::NotQuiescent`] while a channel is not yet joined.
 //!
 //! # Concurrency contract
@@ -20,8 +23,9 @@
 //! release own the table exclusively between taking `BUSY` with a CAS from the exact state they
 //! expect (empty; live with no lease) and storing the next state. The lease count alone makes the
 //! slot memory-safe; the joined token is the migration-level rule (a worker may also hold `'static`
-//! references to the storage that no count can see, and a token from another migration's
-//! coordinator would not cover this one's workers: the count still refuses in that case).
+//! references to the storage that no count can see). The owner (the installing coordinator's id) is
+//! written by install and read by release, both while holding `BUSY`; a release offered a foreign
+//! token stores `LIVE` back, so leases asked during that brief check are refused as `NotInstalled`.
 //!
 //! ```mermaid
 //! stateDiagram-v2
@@ -35,7 +39,7 @@
 use core::fmt;
 
 use super::{BlockError, BlockTable, GuestMemory, ZeroPagePolicy};
-use crate::lifecycle::{AllJoined, CleanupError, Coordinator};
+use crate::lifecycle::{AllJoined, CleanupError, Coordinator, CoordinatorId, ForeignToken};
 use crate::sync::{AtomicUsize, Ordering, UnsafeCell};
 
 const LIVE: usize = 1 << (usize::BITS - 1);
@@ -49,6 +53,8 @@ const COUNT: usize = BUSY - 1;
 pub enum ReleaseError {
     /// Release asked while the migration's coordinator has not joined every worker.
     NotQuiescent(CleanupError),
+    /// Release asked with the token of another coordinator than the one the table was installed for.
+    Foreign(ForeignToken),
     /// Release asked while leases are held.
     LeasesHeld {
         /// Leases held at the time.
@@ -68,6 +74,7 @@ impl fmt::Display for ReleaseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::NotQuiescent(e) => write!(f, "block table not released: {}", e),
+            Self::Foreign(e) => write!(f, "block table not released: {}", e),
             Self::LeasesHeld { leases } => write!(f, "block table not released: {} leases held", leases),
             Self::NotInstalled => write!(f, "no block table installed"),
             Self::Occupied => write!(f, "block table slot occupied or busy"),
@@ -83,9 +90,12 @@ impl core::error::Error for ReleaseError {}
 pub struct TableSlot<'a, M: ?Sized, const N: usize> {
     state: AtomicUsize,
     table: UnsafeCell<BlockTable<'a, M, N>>,
+    /// The coordinator the live table was installed for. Written by install, read by release, each
+    /// while holding `BUSY`.
+    owner: UnsafeCell<CoordinatorId>,
 }
 
-// SAFETY: the table is mutated only by install and release, each of which first moves `state` from
+// SAFETY: the table and its owner are mutated only by install and release, each of which first moves `state` from
 // the one value that proves no lease exists (empty, or live with zero leases) to BUSY with an Acquire
 // CAS and publishes its work with a Release store; leases read it only while counted in `state`.
 // Sharing the slot therefore shares `&BlockTable` across threads (needs `BlockTable: Sync`) and lets
@@ -108,20 +118,30 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> TableSlot<'a, M, N> {
     /// An empty slot. `const`, so it can be a `static`.
     #[cfg(not(all(test, loom)))]
     pub const fn new() -> Self {
-        Self { state: AtomicUsize::new(0), table: UnsafeCell::new(BlockTable::new(ZeroPagePolicy::SkipUntouched)) }
+        Self {
+            state: AtomicUsize::new(0),
+            table: UnsafeCell::new(BlockTable::new(ZeroPagePolicy::SkipUntouched)),
+            owner: UnsafeCell::new(CoordinatorId::NONE),
+        }
     }
 
     /// An empty slot (loom build: loom's atomics are not `const`).
     #[cfg(all(test, loom))]
     pub fn new() -> Self {
-        Self { state: AtomicUsize::new(0), table: UnsafeCell::new(BlockTable::new(ZeroPagePolicy::SkipUntouched)) }
+        Self {
+            state: AtomicUsize::new(0),
+            table: UnsafeCell::new(BlockTable::new(ZeroPagePolicy::SkipUntouched)),
+            owner: UnsafeCell::new(CoordinatorId::NONE),
+        }
     }
 
-    /// Builds a new table in the empty slot: `build` gets an empty table with `policy` and adds the
-    /// blocks. On success the table is live and leases can be taken; if `build` fails the slot is left
-    /// empty and its error returned.
+    /// Builds a new table in the empty slot for the workers of the coordinator `owner`
+    /// ([`Coordinator::id`]): `build` gets an empty table with `policy` and adds the blocks. On success
+    /// the table is live and leases can be taken, and only `owner`'s [`AllJoined`] token releases it;
+    /// if `build` fails the slot is left empty and its error returned.
     pub fn install(
         &self,
+        owner: CoordinatorId,
         policy: ZeroPagePolicy,
         build: impl FnOnce(&mut BlockTable<'a, M, N>) -> Result<(), BlockError>,
     ) -> Result<(), ReleaseError> {
@@ -141,6 +161,8 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> TableSlot<'a, M, N> {
             }
             r
         });
+        // SAFETY: as for the table above: BUSY, taken from the empty state, makes this the only access.
+        self.owner.with_mut(|o| unsafe { *o = if result.is_ok() { owner } else { CoordinatorId::NONE } });
         let next = if result.is_ok() { LIVE } else { 0 };
         // Release: publishes the built (or reset) table to the Acquire of the next lease or install.
         self.state.store(next, Ordering::Release);
@@ -169,10 +191,10 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> TableSlot<'a, M, N> {
 
     /// Empties the slot so its storage can be reused for the next migration's table. `joined` proves
     /// that every worker of the migration was joined (get it from [`Coordinator::cleanup`] or
-    /// [`Coordinator::all_joined`]). Refused with [`ReleaseError::LeasesHeld`] while any lease is
-    /// held, and with [`ReleaseError::NotInstalled`] when there is nothing to release.
+    /// [`Coordinator::all_joined`]). Refused with [`ReleaseError::Foreign`] when the token is not
+    /// from the coordinator the table was installed for, with [`ReleaseError::LeasesHeld`] while any
+    /// lease is held, and with [`ReleaseError::NotInstalled`] when there is nothing to release.
     pub fn release(&self, joined: &AllJoined<'_>) -> Result<(), ReleaseError> {
-        let _ = joined;
         // Acquire on success: every lease holder's reads (ended by its Release decrement) happen
         // before we reset the table. Relaxed on failure: only the value is reported.
         if let Err(s) = self.state.compare_exchange(LIVE, BUSY, Ordering::Acquire, Ordering::Relaxed) {
@@ -181,6 +203,14 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> TableSlot<'a, M, N> {
             } else {
                 ReleaseError::LeasesHeld { leases: s & COUNT }
             });
+        }
+        // SAFETY: BUSY was taken from "live": install, the owner's only writer, cannot run until we
+        // store the next state.
+        let owner = self.owner.with(|o| unsafe { *o });
+        if let Err(foreign) = joined.covers(owner) {
+            // Release: nothing was changed; pairs with the Acquire of the next lease or release.
+            self.state.store(LIVE, Ordering::Release);
+            return Err(ReleaseError::Foreign(foreign));
         }
         self.table.with_mut(|t| {
             // SAFETY: BUSY was taken from "live, zero leases": no lease exists and none can be taken
@@ -197,7 +227,8 @@ impl<'a, M: GuestMemory + ?Sized, const N: usize> TableSlot<'a, M, N> {
 
     /// [`release`](Self::release), with the token taken from `coordinator`: refused with
     /// [`ReleaseError::NotQuiescent`] (naming a channel not yet joined and its state) until the
-    /// coordinator's cleanup has joined every worker it started.
+    /// coordinator's cleanup has joined every worker it started, and with [`ReleaseError::Foreign`]
+    /// if the table was installed for another coordinator.
     pub fn release_after<H, E, const MAX: usize>(
         &self,
         coordinator: &Coordinator<H, E, MAX>,
@@ -286,9 +317,9 @@ mod loom_tests {
         }
     }
 
-    fn installed() -> Arc<Slot> {
+    fn installed(owner: CoordinatorId) -> Arc<Slot> {
         let slot = Arc::new(Slot::new());
-        slot.install(ZeroPagePolicy::SkipUntouched, |_| Ok(())).unwrap();
+        slot.install(owner, ZeroPagePolicy::SkipUntouched, |_| Ok(())).unwrap();
         slot
     }
 
@@ -298,9 +329,9 @@ mod loom_tests {
     #[test]
     fn loom_release_racing_running_worker_is_refused() {
         loom::model(|| {
-            let slot = installed();
-            let workers = Arc::new(Workers { slot: Arc::clone(&slot), worked: Arc::new(AtomicBool::new(false)) });
             let coord = Arc::new(Coord::new(1).unwrap());
+            let slot = installed(coord.id());
+            let workers = Arc::new(Workers { slot: Arc::clone(&slot), worked: Arc::new(AtomicBool::new(false)) });
             assert_eq!(coord.create_all(&*workers, |_| Ok(())).map(|r| r.started), Ok(1));
             // The worker has started and nobody joined it: refused, whatever it is doing now.
             assert!(matches!(slot.release_after(&*coord), Err(ReleaseError::NotQuiescent(_))));
@@ -324,13 +355,15 @@ mod loom_tests {
         });
     }
 
-    /// A token from the wrong coordinator (one that started nothing) proves nothing about this worker;
-    /// the lease count still keeps release from overlapping it: refused while the lease is held, and a
-    /// lease asked after a release fails. Loom flags any overlap of the read with the reset.
+    /// The lease count keeps release from overlapping a lease whatever the token says (here the
+    /// owner's, from a coordinator whose workers were never started, so it proves nothing about this
+    /// thread): refused while the lease is held, and a lease asked after a release fails. Loom flags
+    /// any overlap of the read with the reset.
     #[test]
     fn loom_release_never_overlaps_a_lease() {
         loom::model(|| {
-            let slot = installed();
+            let other = Coordinator::<(), Infallible, 1>::new(1).unwrap();
+            let slot = installed(other.id());
             let s2 = Arc::clone(&slot);
             let t = thread::spawn(move || match s2.lease() {
                 Ok(lease) => lease.with(|t| t.is_empty()),
@@ -339,7 +372,6 @@ mod loom_tests {
                     false
                 }
             });
-            let other = Coordinator::<(), Infallible, 1>::new(1).unwrap();
             let token = other.cleanup(&crate::lifecycle::testing::Inline).unwrap();
             let released = match slot.release(&token) {
                 Ok(()) => true,
@@ -363,11 +395,61 @@ mod loom_tests {
             let slot = Arc::new(Slot::new());
             let s2 = Arc::clone(&slot);
             let t = thread::spawn(move || s2.lease().map(|l| l.with(|t| t.policy())));
-            slot.install(ZeroPagePolicy::AlwaysPopulate, |_| Ok(())).unwrap();
+            let owner = Coordinator::<(), Infallible, 1>::new(1).unwrap();
+            slot.install(owner.id(), ZeroPagePolicy::AlwaysPopulate, |_| Ok(())).unwrap();
             match t.join().unwrap() {
                 Ok(p) => assert_eq!(p, ZeroPagePolicy::AlwaysPopulate),
                 Err(e) => assert_eq!(e, ReleaseError::NotInstalled),
             }
         });
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::block::AtomicRegion;
+    use crate::lifecycle::testing::Inline;
+    use core::convert::Infallible;
+
+    type Coord = Coordinator<(), Infallible, 1>;
+
+    /// A token of a coordinator other than the table's owner is refused with both ids named, and the
+    /// table stays live and leasable; the owner's token then releases it.
+    #[test]
+    fn release_refuses_a_token_of_another_coordinator() {
+        let slot: TableSlot<'static, AtomicRegion<'static>, 1> = TableSlot::new();
+        let (owner, stranger) = (Coord::new(1).unwrap(), Coord::new(1).unwrap());
+        slot.install(owner.id(), ZeroPagePolicy::SkipUntouched, |_| Ok(())).unwrap();
+        let foreign = stranger.cleanup(&Inline).unwrap();
+        assert_eq!(
+            slot.release(&foreign),
+            Err(ReleaseError::Foreign(ForeignToken { bound: owner.id(), token: stranger.id() }))
+        );
+        assert_eq!(
+            slot.release_after(&stranger),
+            Err(ReleaseError::Foreign(ForeignToken { bound: owner.id(), token: stranger.id() }))
+        );
+        assert_eq!(slot.lease().map(|l| l.with(|t| t.len())).ok(), Some(0), "still live after the refusal");
+        assert!(matches!(slot.release_after(&owner), Err(ReleaseError::NotQuiescent(_))));
+        assert_eq!(slot.release(&owner.cleanup(&Inline).unwrap()), Ok(()));
+        assert_eq!(slot.lease().err(), Some(ReleaseError::NotInstalled));
+    }
+
+    /// After a release, the next install binds the slot to its own coordinator: the previous owner's
+    /// token no longer releases it.
+    #[test]
+    fn reinstall_rebinds_the_slot() {
+        let slot: TableSlot<'static, AtomicRegion<'static>, 1> = TableSlot::new();
+        let (first, second) = (Coord::new(1).unwrap(), Coord::new(1).unwrap());
+        slot.install(first.id(), ZeroPagePolicy::SkipUntouched, |_| Ok(())).unwrap();
+        let t1 = first.cleanup(&Inline).unwrap();
+        assert_eq!(slot.release(&t1), Ok(()));
+        slot.install(second.id(), ZeroPagePolicy::SkipUntouched, |_| Ok(())).unwrap();
+        assert_eq!(
+            slot.release(&t1),
+            Err(ReleaseError::Foreign(ForeignToken { bound: second.id(), token: first.id() }))
+        );
+        assert_eq!(slot.release(&second.cleanup(&Inline).unwrap()), Ok(()));
     }
 }

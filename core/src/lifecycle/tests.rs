@@ -354,6 +354,21 @@ mod unit {
     }
 
     #[test]
+    fn a_token_covers_only_its_own_coordinator() {
+        let a = Coordinator::<(), TestError, 2>::new(1).unwrap();
+        let b = Coordinator::<(), TestError, 2>::new(1).unwrap();
+        assert_ne!(a.id(), b.id(), "two live coordinators have different ids");
+        let ta = a.cleanup(&testing::Inline).unwrap();
+        let tb = b.all_joined();
+        assert!(tb.is_err(), "b never ran cleanup");
+        assert_eq!(ta.coordinator(), a.id());
+        assert_eq!(ta.covers(a.id()), Ok(()));
+        assert_eq!(ta.covers(b.id()), Err(ForeignToken { bound: b.id(), token: a.id() }));
+        assert_eq!(a.all_joined().unwrap().covers(a.id()), Ok(()));
+        assert_eq!(ta.covers(CoordinatorId::NONE), Err(ForeignToken { bound: CoordinatorId::NONE, token: a.id() }));
+    }
+
+    #[test]
     fn shared_state_released_with_the_token_sees_every_worker_write() {
         let p = TestPlatform::new(1, Work::WriteShared, None);
         p.coord().create_all(&p, prepare_failing(None)).unwrap();

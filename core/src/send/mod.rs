@@ -7,7 +7,8 @@
 //!   batches of at most `page_count` pages of one block ([`Producer::queue_page`]) and hands each batch
 //!   to an idle channel ([`Producer::flush`]). At the end of a round it asks every channel for a SYNC
 //!   packet ([`Producer::sync_all`]), then writes the main stream's `MULTIFD_FLUSH`.
-//! - Each **channel worker** owns a [`SendChannel`]: [`SendChannel::next`] waits for its next job and
+//! - Each **channel worker** owns a [`SendChannel`], taken once per channel with
+//!   [`SendEngine::channel`] (a second take is refused): [`SendChannel::next`] waits for its next job and
 //!   returns an [`Outgoing`] packet (the header bytes and the guest page slices, for one vectored write,
 //!   page data never copied); after writing it the worker calls [`SendChannel::done`].
 //! - [`precopy`] drives whole rounds for an embedder that implements [`Precopy`].
@@ -114,6 +115,18 @@ pub enum SendError {
     },
     /// The producer was already taken: there is one per migration.
     ProducerTaken,
+    /// A channel's worker state was already taken: there is one [`SendChannel`] per channel.
+    ChannelTaken {
+        /// The channel.
+        channel: ChannelId,
+    },
+    /// A channel id is not below the migration's channel count.
+    NoSuchChannel {
+        /// The channel.
+        channel: ChannelId,
+        /// The migration's channel count.
+        channels: u8,
+    },
     /// A page refers to a block that does not exist.
     NoSuchBlock {
         /// Block index given.
@@ -156,6 +169,10 @@ impl fmt::Display for SendError {
                 write!(f, "block {block}: used length {used_len} is not a multiple of the page size {page_size}")
             }
             Self::ProducerTaken => f.write_str("the migration's producer was already taken"),
+            Self::ChannelTaken { channel } => write!(f, "the worker state of {channel} was already taken"),
+            Self::NoSuchChannel { channel, channels } => {
+                write!(f, "{channel} does not exist: the migration has {channels} channels")
+            }
             Self::NoSuchBlock { block, count } => write!(f, "block {block} does not exist ({count} blocks)"),
             Self::BadOffset { block, offset, used_len } => write!(
                 f,
@@ -207,6 +224,8 @@ pub struct SendEngine<'b, B: ?Sized, H, E, const MAX: usize> {
     credits: AtomicU32,
     next_packet: AtomicU32,
     producer_taken: AtomicBool,
+    /// One per channel: set by the one [`SendEngine::channel`] call that takes its worker state.
+    channel_taken: [AtomicBool; MAX],
     normal_pages: AtomicU32,
     zero_pages: AtomicU32,
     packets: AtomicU32,
@@ -256,6 +275,7 @@ impl<'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendEngine<'b, B, H, 
             credits: AtomicU32::new(0),
             next_packet: AtomicU32::new(0),
             producer_taken: AtomicBool::new(false),
+            channel_taken: core::array::from_fn(|_| AtomicBool::new(false)),
             normal_pages: AtomicU32::new(0),
             zero_pages: AtomicU32::new(0),
             packets: AtomicU32::new(0),
@@ -303,9 +323,27 @@ impl<'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendEngine<'b, B, H, 
         Ok(Producer { engine: self, pending: Batch::EMPTY, next: 0 })
     }
 
-    /// The worker-side state of `channel`; one per channel worker.
-    pub fn channel(&self, channel: ChannelId) -> SendChannel<'_, 'b, B, H, E, MAX> {
-        SendChannel { engine: self, id: channel, header: [0; MAX_HEADER_LEN], order: [0; MAX_PAGE_COUNT], job: None }
+    /// The worker-side state of `channel`, for its one worker: the job slot of a channel is read by
+    /// exactly one [`SendChannel`], so this succeeds once per channel. `Err(ChannelTaken)` on a second
+    /// call for the same channel (even after the first was dropped), `Err(NoSuchChannel)` for an id
+    /// not below the channel count.
+    pub fn channel(&self, channel: ChannelId) -> Result<SendChannel<'_, 'b, B, H, E, MAX>, SendError> {
+        let channels = self.lifecycle.channels();
+        if channel.0 >= channels {
+            return Err(SendError::NoSuchChannel { channel, channels });
+        }
+        // Relaxed: only the flag's own value matters (one winner), nothing is published with it; the
+        // job slot's own Acquire/Release protocol orders the batches.
+        if self.channel_taken[channel.index()].swap(true, Ordering::Relaxed) {
+            return Err(SendError::ChannelTaken { channel });
+        }
+        Ok(SendChannel {
+            engine: self,
+            id: channel,
+            header: [0; MAX_HEADER_LEN],
+            order: [0; MAX_PAGE_COUNT],
+            job: None,
+        })
     }
 
     fn slot(&self, channel: ChannelId) -> &JobSlot {
@@ -529,12 +567,9 @@ impl<'e, 'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendChannel<'e, '
         self.id
     }
 
-    /// The 64-byte init packet that opens the channel.
+    /// The 64-byte init packet that opens the channel (as [`init_packet`]).
     pub fn init_packet(&self, uuid: [u8; 16]) -> [u8; INIT_PACKET_LEN] {
-        let mut out = [0u8; INIT_PACKET_LEN];
-        // Local invariant: the buffer is exactly INIT_PACKET_LEN bytes, all encode needs.
-        let _ = InitPacket { uuid, id: self.id.0 }.encode(&mut out);
-        out
+        init_packet(self.id, uuid)
     }
 
     /// Declares the channel ready for jobs (after its init packet was written): posts its first idle
@@ -906,6 +941,15 @@ where
     main.write(&head).map_err(PrecopyError::Main)?;
     main.write(json).map_err(PrecopyError::Main)?;
     Ok(Summary { rounds: round + 1, total, syncs_per_channel: syncs, last })
+}
+
+/// The 64-byte init packet that opens `channel` of the migration `uuid`. Needs no [`SendChannel`], so
+/// a creator can write it before the channel's worker takes its state.
+pub fn init_packet(channel: ChannelId, uuid: [u8; 16]) -> [u8; INIT_PACKET_LEN] {
+    let mut out = [0u8; INIT_PACKET_LEN];
+    // Local invariant: the buffer is exactly INIT_PACKET_LEN bytes, all encode needs.
+    let _ = InitPacket { uuid, id: channel.0 }.encode(&mut out);
+    out
 }
 
 /// Set bits among the first `pages` bits of `bitmap`.

@@ -84,7 +84,7 @@ mod threads {
                 .ids()
                 .map(|id| {
                     s.spawn(move || {
-                        let mut ch = engine.channel(id);
+                        let mut ch = engine.channel(id).unwrap();
                         ch.ready(&Spin);
                         let mut sent = Vec::new();
                         while let Ok(out) = ch.next(&Spin) {
@@ -188,6 +188,32 @@ mod threads {
         );
     }
 
+    /// Two workers on one job slot would both read its batch and both give it back; the engine hands
+    /// out each channel's worker state once, and refuses ids outside the migration.
+    #[test]
+    fn a_channel_is_taken_once() {
+        let mem = Mem { blocks: std::vec![(&b"m0"[..], block(4))] };
+        let engine = Engine::new(2, &mem, geometry(), Layout::V9_0).unwrap();
+        {
+            let first = engine.channel(ChannelId(0)).unwrap();
+            assert_eq!(first.id(), ChannelId(0));
+            assert_eq!(engine.channel(ChannelId(0)).unwrap_err(), SendError::ChannelTaken { channel: ChannelId(0) });
+        }
+        assert_eq!(
+            engine.channel(ChannelId(0)).unwrap_err(),
+            SendError::ChannelTaken { channel: ChannelId(0) },
+            "still taken after the first was dropped"
+        );
+        assert_eq!(engine.channel(ChannelId(1)).map(|c| c.id()).ok(), Some(ChannelId(1)));
+        assert_eq!(
+            engine.channel(ChannelId(2)).unwrap_err(),
+            SendError::NoSuchChannel { channel: ChannelId(2), channels: 2 }
+        );
+        let uuid = [7; 16];
+        let packet = init_packet(ChannelId(1), uuid);
+        assert_eq!(InitPacket::decode(&packet).map(|p| (p.uuid, p.id)), Ok((uuid, 1)));
+    }
+
     struct Sink(Vec<u8>);
     impl MainSink for Sink {
         type Error = ();
@@ -284,7 +310,7 @@ mod threads {
             engine.lifecycle().terminate(&Spin);
             assert_eq!(producer.join().unwrap(), Err(SendError::Cancelled));
         });
-        let mut ch = engine.channel(ChannelId(0));
+        let mut ch = engine.channel(ChannelId(0)).unwrap();
         assert!(matches!(ch.next(&Spin), Err(SendError::Cancelled)));
     }
 }
@@ -315,7 +341,7 @@ mod loom_models {
                 Arc::new(SendEngine::new(1, mem, geometry, Layout::V9_0).unwrap());
             let e2 = engine.clone();
             let worker = big(move || {
-                let mut ch = e2.channel(ChannelId(0));
+                let mut ch = e2.channel(ChannelId(0)).unwrap();
                 ch.ready(&Spin);
                 let mut kinds = Vec::new();
                 for _ in 0..3 {
@@ -361,7 +387,7 @@ mod loom_models {
                 Arc::new(SendEngine::new(1, mem, geometry, Layout::V9_0).unwrap());
             let e = engine.clone();
             let worker = big(move || {
-                let mut ch = e.channel(ChannelId(0));
+                let mut ch = e.channel(ChannelId(0)).unwrap();
                 ch.ready(&Spin);
                 let mut kinds = Vec::new();
                 for _ in 0..2 {
