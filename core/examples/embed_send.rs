@@ -35,7 +35,7 @@ impl Notify for Polling {
 /// One channel's worker: its init packet, then each packet the engine builds, as one write each
 /// (header, then the guest's pages straight from its memory), until the migration ends.
 fn worker(engine: &Engine<'_>, id: ChannelId, wire: &Wire) -> Result<(), SendError> {
-    let mut ch = engine.channel(id);
+    let mut ch = engine.channel(id)?; // each channel's worker state is handed out once
     wire.push(1 + id.index(), &ch.init_packet([0; 16]));
     ch.ready(&Polling);
     loop {

@@ -153,7 +153,7 @@ impl Platform for Inline<'_, '_> {
     type Handle = ();
     type Error = ();
     fn start(&self, id: ChannelId) -> Result<(), ()> {
-        let ch = self.engine.channel(id);
+        let ch = self.engine.channel(id).map_err(|_| ())?;
         self.wire.push(1 + id.index(), &ch.init_packet([0; 16]));
         ch.ready(self);
         self.workers.lock().unwrap()[id.index()] = Some(ch);

@@ -63,7 +63,7 @@ use core::fmt;
 
 use crate::bitmap::PageIndex;
 use crate::block::{BlockError, BlockId, BlockTable, GuestMemory};
-use crate::lifecycle::ChannelId;
+use crate::lifecycle::{ChannelId, ForeignToken};
 use crate::wire::packet::{COMMON_HEADER_LEN, RAM_FIXED_LEN};
 use crate::wire::{BlockInfo, CommonHeader, DecodeError, Name, Packet, PacketConfig, StreamError};
 
@@ -219,6 +219,8 @@ pub enum RecvError {
         /// How many.
         count: u8,
     },
+    /// At the end: the all-joined token given to `finish` is another coordinator's.
+    ForeignToken(ForeignToken),
     /// At the end: the migration was terminated by an error recorded in the session's coordinator
     /// (that error is the migration's; this one only says the completion checks did not run).
     Terminated,
@@ -354,6 +356,7 @@ impl fmt::Display for RecvError {
                 write!(f, "block {block}: only {received} of {pages} pages were received")
             }
             Self::WorkerPanicked { count } => write!(f, "{count} channel worker(s) panicked"),
+            Self::ForeignToken(e) => write!(f, "{e}"),
             Self::Terminated => write!(f, "the migration was terminated by an earlier error"),
         }
     }

@@ -329,8 +329,8 @@ impl<H, E, const MAX: usize> RecvSession<H, E, MAX> {
         t
     }
 
-    /// The completion checks, after the lifecycle's cleanup joined every worker (`joined`), for a
-    /// migration that recorded no error. In order: no worker panicked; the main stream ended at its
+    /// The completion checks, after the lifecycle's cleanup joined every worker (`joined`, the token
+    /// of this session's own lifecycle), for a migration that recorded no error. In order: no worker panicked; the main stream ended at its
     /// EOF; every channel's stream ended at a packet boundary with as many SYNCs as the main stream
     /// had markers; every page of every block was received. Returns the totals, or the first
     /// condition that failed.
@@ -340,6 +340,7 @@ impl<H, E, const MAX: usize> RecvSession<H, E, MAX> {
         main: &MainStream<B>,
         table: &BlockTable<'_, M, N>,
     ) -> Result<Totals, RecvError> {
+        joined.covers(self.coord.id()).map_err(RecvError::ForeignToken)?;
         if self.coord.error().is_some() {
             return Err(RecvError::Terminated);
         }

@@ -461,3 +461,15 @@ fn a_main_stream_closed_early_names_its_position() {
     main.read_block_list(&s, &bytes[..bytes.len() - 3]).unwrap();
     assert!(matches!(main.end(), Err(RecvError::MainClosed { position, .. }) if position == bytes.len() as u64 - 3));
 }
+
+#[test]
+fn finish_refuses_the_token_of_another_coordinator() {
+    let s = session(1);
+    let other = session(1);
+    let g = Guest::new();
+    let region = AtomicRegion::new(&g.mem);
+    let t = table(&region, &g.words);
+    let main: MainStream<2> = MainStream::new(&s);
+    let foreign = other.lifecycle().cleanup(&Inline).unwrap();
+    assert!(matches!(s.finish(&foreign, &main, &t), Err(RecvError::ForeignToken(_))));
+}
