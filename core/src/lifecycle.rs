@@ -71,7 +71,7 @@
 
 use core::fmt;
 
-use crate::sync::{AtomicBool, AtomicU8, AtomicU32, Ordering, UnsafeCell, spin_loop};
+use crate::sync::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering, UnsafeCell, spin_loop};
 
 /// Largest channel count the wire format can carry (the init packet's id is one byte).
 pub const MAX_CHANNELS: usize = 255;
@@ -467,10 +467,9 @@ pub struct CleanupReport {
 ///
 /// Two coordinators alive at the same time have different ids. State whose workers belong to one
 /// coordinator is bound to its id when it is made (before any worker can reach it), and its release
-/// calls refuse an [`AllJoined`] token of any other coordinator with [`ForeignToken`]. The id is only
-/// an address: the coordinator must stay where it is (not be moved or dropped) while the state bound
-/// to it is in use. A coordinator that moved afterwards gets another id, so its tokens are refused,
-/// which fails safe.
+/// calls refuse an [`AllJoined`] token of any other coordinator with [`ForeignToken`]. Ids come from
+/// one program-wide counter, so a coordinator dropped while its workers still ran (possible with a
+/// platform whose workers do not borrow it) can never be impersonated by a later one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct CoordinatorId(usize);
@@ -482,7 +481,7 @@ impl CoordinatorId {
 
 impl fmt::Display for CoordinatorId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "coordinator at {:#x}", self.0)
+        write!(f, "coordinator #{}", self.0)
     }
 }
 
@@ -588,6 +587,9 @@ pub struct Coordinator<H, E, const MAX: usize> {
     cleanup_owner: AtomicBool,
     /// Set once cleanup has joined every started worker.
     cleanup_done: AtomicBool,
+    /// This coordinator's [`CoordinatorId`], taken from [`crate::sync::next_unique_id`] on first use
+    /// (0 until then), so no two coordinators of one program ever share one.
+    id: AtomicUsize,
     /// `ERROR_NONE -> ERROR_WRITING -> ERROR_SET`; guards `error`.
     error_state: AtomicU8,
     error: UnsafeCell<Option<E>>,
@@ -640,6 +642,7 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
             quit: AtomicBool::new(false),
             cleanup_owner: AtomicBool::new(false),
             cleanup_done: AtomicBool::new(false),
+            id: AtomicUsize::new(0),
             error_state: AtomicU8::new(ERROR_NONE),
             error: UnsafeCell::new(None),
             later_errors: AtomicU32::new(0),
@@ -661,6 +664,7 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
             quit: AtomicBool::new(false),
             cleanup_owner: AtomicBool::new(false),
             cleanup_done: AtomicBool::new(false),
+            id: AtomicUsize::new(0),
             error_state: AtomicU8::new(ERROR_NONE),
             error: UnsafeCell::new(None),
             later_errors: AtomicU32::new(0),
@@ -674,10 +678,20 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
         self
     }
 
-    /// This coordinator's identity (its address), which its [`AllJoined`] tokens carry. Bind state
-    /// its workers reach to it while the coordinator is at its final place (see [`CoordinatorId`]).
+    /// This coordinator's identity, which its [`AllJoined`] tokens carry: unique among every
+    /// coordinator the program ever creates (it is not an address, so it survives a move and is never
+    /// reused after a drop).
     pub fn id(&self) -> CoordinatorId {
-        CoordinatorId(core::ptr::from_ref(self).addr())
+        // Acquire/AcqRel: a reader of the id sees the one value the first caller installed.
+        let id = self.id.load(Ordering::Acquire);
+        if id != 0 {
+            return CoordinatorId(id);
+        }
+        let fresh = crate::sync::next_unique_id();
+        match self.id.compare_exchange(0, fresh, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => CoordinatorId(fresh),
+            Err(installed) => CoordinatorId(installed),
+        }
     }
 
     /// Number of channels in this migration.

@@ -45,3 +45,12 @@ mod imp {
 }
 
 pub(crate) use imp::*;
+
+/// A number no earlier call returned (from 1; a `usize` does not run out in practice). One counter
+/// for the whole program, outside loom's model on purpose: it hands out identities, it is not a
+/// protocol under test.
+pub(crate) fn next_unique_id() -> usize {
+    static NEXT: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
+    // Relaxed: only uniqueness matters, which the RMW gives; nothing is published through it.
+    NEXT.fetch_add(1, core::sync::atomic::Ordering::Relaxed)
+}

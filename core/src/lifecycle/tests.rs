@@ -369,6 +369,22 @@ mod unit {
     }
 
     #[test]
+    fn an_id_survives_a_move_and_is_never_reused_after_a_drop() {
+        let a = Coordinator::<(), TestError, 2>::new(1).unwrap();
+        let id = a.id();
+        let moved = std::boxed::Box::new(a);
+        assert_eq!(moved.id(), id, "moving a coordinator keeps its id");
+        drop(moved);
+        // Built in the same place again and again: a new id each time, never the dropped one's.
+        let mut seen = std::vec![id];
+        for _ in 0..4 {
+            let c = Coordinator::<(), TestError, 2>::new(1).unwrap();
+            assert!(!seen.contains(&c.id()), "id {} reused", c.id());
+            seen.push(c.id());
+        }
+    }
+
+    #[test]
     fn shared_state_released_with_the_token_sees_every_worker_write() {
         let p = TestPlatform::new(1, Work::WriteShared, None);
         p.coord().create_all(&p, prepare_failing(None)).unwrap();
