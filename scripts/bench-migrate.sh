@@ -19,7 +19,10 @@
 # Wire throughput = bytes multifd recv read from all connections / time.
 #
 # Usage: scripts/bench-migrate.sh [REPS] [CHANNELS...]    (defaults: 5 reps, channels 1 2 4)
-# Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir).
+# Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir),
+#   MULTIFD_BENCH_BASE (another build's `multifd` binary, e.g. of the commit before a change: its
+#   send->recv and send->QEMU runs, both ends that build, are interleaved with this build's, and a
+#   before/after table is printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -33,7 +36,9 @@ cargo build --release --quiet -p multifd-std --bin multifd --example loopback_fl
 BIN="$(pwd)/target/release/multifd"
 mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(iperf3 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
-PYTHONPATH="$(pwd)/scripts" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
+BASE="${MULTIFD_BENCH_BASE:-}"
+[ -z "$BASE" ] || [ -x "$BASE" ] || { echo "MULTIFD_BENCH_BASE=$BASE is not an executable" >&2; exit 2; }
+PYTHONPATH="$(pwd)/scripts" BASE="$BASE" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
 import json, os, re, subprocess, sys, time
 from benchlib import (Recv, Runs, make_image, qemu_dest, qemu_source, run_send, same_file, send_started,
                       start_migration)
@@ -44,9 +49,12 @@ IMAGE = os.path.join(WORK, "image.img")
 MIBF = float(1 << 20)
 
 
-def ours(ch, prealloc):
-    r = Recv(BIN, WORK, ch, MIB if prealloc else None)
-    s = run_send(BIN, r.port, ch, IMAGE)
+BASE = os.environ.get("BASE") or None
+
+
+def ours(ch, prealloc, binary=BIN):
+    r = Recv(binary, WORK, ch, MIB if prealloc else None)
+    s = run_send(binary, r.port, ch, IMAGE)
     t0 = send_started(s)
     at, _, report = r.finish()
     if not same_file(r.block_file(), IMAGE):
@@ -69,10 +77,10 @@ def qemu(ch, prealloc):
     return t1 - t0
 
 
-def send_qdest(ch):
+def send_qdest(ch, binary=BIN):
     d, port = qemu_dest(WORK, MIB, ch, True)
     try:
-        s = run_send(BIN, port, ch, IMAGE)
+        s = run_send(binary, port, ch, IMAGE)
         t1 = d.wait_status("completed")
         t0 = send_started(s)
     finally:
@@ -101,6 +109,9 @@ VARIANTS = [("ours_fresh", lambda c: ours(c, False)), ("qemu_fresh", lambda c: q
             ("ours_pre", lambda c: ours(c, True)), ("qemu_pre", lambda c: qemu(c, True)),
             ("send_qdest", send_qdest), ("iperf3", iperf), ("floor_fresh", lambda c: floor(c, False)),
             ("floor_pre", lambda c: floor(c, True))]
+if BASE:
+    VARIANTS += [("ours_fresh_base", lambda c: ours(c, False, BASE)), ("ours_pre_base", lambda c: ours(c, True, BASE)),
+                 ("send_qdest_base", lambda c: send_qdest(c, BASE))]
 runs = Runs()
 try:
     warm = Runs()
@@ -134,5 +145,16 @@ for ch in CHANNELS:
     ff, fp = m("floor_fresh", ch), m("floor_pre", ch)
     print(f"| {ch} | {ff:.3f} | {ff / m('qemu_fresh', ch):.2f} | {fp:.3f} | {fp / m('qemu_pre', ch):.2f} | "
           f"{m('ours_pre', ch) / fp:.2f} |")
+if BASE:
+    print(f"\nBefore/after: this build against {BASE} (both ends), interleaved in every repetition:\n")
+    print("| channels | fresh ratio now | fresh ratio base | prealloc ratio now | prealloc ratio base "
+          "| send->QEMU ratio now | send->QEMU ratio base | fresh now/base | prealloc now/base | send->QEMU now/base |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for ch in CHANNELS:
+        qf, qp = m('qemu_fresh', ch), m('qemu_pre', ch)
+        of, ob, pf, pb = m('ours_fresh', ch), m('ours_fresh_base', ch), m('ours_pre', ch), m('ours_pre_base', ch)
+        sf, sb = m('send_qdest', ch), m('send_qdest_base', ch)
+        print(f"| {ch} | {of / qf:.2f} | {ob / qf:.2f} | {pf / qp:.2f} | {pb / qp:.2f} | {sf / qp:.2f} | {sb / qp:.2f} "
+              f"| {of / ob:.3f} | {pf / pb:.3f} | {sf / sb:.3f} |")
 runs.report_failures()
 PY

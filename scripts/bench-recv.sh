@@ -18,7 +18,9 @@
 # block file is compared with the image after every multifd recv run (outside the timing).
 #
 # Usage: scripts/bench-recv.sh [REPS] [CHANNELS...]     (defaults: 5 reps, channels 1 2 4)
-# Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir).
+# Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir),
+#   MULTIFD_BENCH_BASE (another build's `multifd` binary, e.g. of the commit before a change: its
+#   recv and prealloc runs are interleaved with this build's, and a before/after table is printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -31,7 +33,9 @@ cargo build --release --quiet -p multifd-std --bin multifd
 BIN="$(pwd)/target/release/multifd"
 mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
-PYTHONPATH="$(pwd)/scripts" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
+BASE="${MULTIFD_BENCH_BASE:-}"
+[ -z "$BASE" ] || [ -x "$BASE" ] || { echo "MULTIFD_BENCH_BASE=$BASE is not an executable" >&2; exit 2; }
+PYTHONPATH="$(pwd)/scripts" BASE="$BASE" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
 import os, sys
 from benchlib import Recv, Runs, discard_sink, make_image, qemu_dest, qemu_source, same_file, start_migration
 
@@ -41,8 +45,11 @@ RAM = os.path.join(WORK, "ram.img")
 GIB = MIB / 1024
 
 
-def run_recv(ch, prealloc):
-    r = Recv(BIN, WORK, ch, MIB if prealloc else None)
+BASE = os.environ.get("BASE") or None
+
+
+def run_recv(ch, prealloc, binary=BIN):
+    r = Recv(binary, WORK, ch, MIB if prealloc else None)
     src = qemu_source(WORK, RAM, MIB, ch)
     try:
         t0 = start_migration(src, r.port)
@@ -85,6 +92,8 @@ def run_discard(ch):
 make_image(RAM, MIB)
 VARIANTS = [("recv", lambda c: run_recv(c, False)), ("qemu", run_qemu_dest),
             ("prealloc", lambda c: run_recv(c, True)), ("discard", run_discard)]
+if BASE:
+    VARIANTS += [("recv_base", lambda c: run_recv(c, False, BASE)), ("prealloc_base", lambda c: run_recv(c, True, BASE))]
 # One unmeasured round first: the first migrations after the image is written run cold (page
 # cache, transparent huge page pools) and would skew whichever variant came first.
 warm = Runs()
@@ -116,5 +125,17 @@ for ch in CHANNELS:
     u, s_ = "user_s/GiB", "sys_s/GiB"
     print(f"| {ch} | {m('recv', ch, u):.2f} | {m('recv', ch, s_):.2f} | {m('qemu', ch, u):.2f} | "
           f"{m('qemu', ch, s_):.2f} | {m('prealloc', ch, u):.2f} | {m('prealloc', ch, s_):.2f} |")
+if BASE:
+    print()
+    print(f"Before/after: this build against {BASE}, interleaved in every repetition (ratios of medians):")
+    print()
+    print("| channels | recv/QEMU now | recv/QEMU base | prealloc/discard now | prealloc/discard base "
+          "| recv now/base | prealloc now/base |")
+    print("|---|---|---|---|---|---|---|")
+    for ch in CHANNELS:
+        q, d = m('qemu', ch), m('discard', ch)
+        print(f"| {ch} | {m('recv', ch) / q:.2f}x | {m('recv_base', ch) / q:.2f}x | {m('prealloc', ch) / d:.2f}x | "
+              f"{m('prealloc_base', ch) / d:.2f}x | {m('recv', ch) / m('recv_base', ch):.3f} | "
+              f"{m('prealloc', ch) / m('prealloc_base', ch):.3f} |")
 runs.report_failures()
 PY
