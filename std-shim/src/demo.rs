@@ -3,8 +3,9 @@
 //! (`multifd recv`'s engine, on a thread), and the received block is checked byte for byte against the
 //! sender's final image. Prints a summary table (or JSON).
 
+use std::fmt;
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -12,7 +13,8 @@ use std::time::{Duration, Instant};
 use multifd_core::send::{Precopy, Quiescent, RoundStats, Step};
 
 use crate::recv;
-use crate::send::{GuestImage, ImageSet, SendOptions, format_report, migrate};
+use crate::send::{GuestImage, ImageSet, SendFailure, SendJson, SendOptions, SendReport, format_report, migrate};
+use serde::Serialize;
 
 const PAGE: usize = 4096;
 
@@ -29,7 +31,7 @@ pub struct DemoOptions {
     pub zero_percent: u32,
     /// Seed of the image and of the pages dirtied between rounds.
     pub seed: u64,
-    /// JSON instead of a table.
+    /// JSON instead of a table (the receiver then shows no progress line).
     pub json: bool,
 }
 
@@ -106,53 +108,143 @@ impl Precopy for DemoPrecopy<'_> {
     }
 }
 
-/// Parses a size such as `64M`, `1G`, `4096` (K, M, G: binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        _ => (t, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("size {s:?}: not a number with an optional K/M/G suffix"))?;
-    let bytes = n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("size {s:?} overflows"))?;
-    if bytes == 0 || !bytes.is_multiple_of(PAGE as u64) {
-        return Err(format!("size {s:?}: {bytes} bytes is not a positive multiple of 4096"));
-    }
-    Ok(bytes)
+/// Why the demo failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// The guest size does not fit this machine's address space.
+    TooLarge {
+        /// Bytes asked for.
+        size: u64,
+    },
+    /// A file of the demo's work directory.
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        error: io::Error,
+    },
+    /// The receiver failed (and what the sender said, if it failed too).
+    Receiver(Box<recv::Failed>, Option<SendFailure>),
+    /// The receiver did not report its port within 10 s.
+    NoPort,
+    /// The receiver's thread panicked.
+    ReceiverPanicked,
+    /// The sender failed.
+    Sender(SendFailure),
+    /// The received block is not the sender's final image.
+    Differs {
+        /// Pages that differ.
+        pages: u64,
+        /// The first of them.
+        first: usize,
+    },
+    /// The received block has another length than the image.
+    Length {
+        /// Bytes received.
+        got: usize,
+        /// Bytes of the image.
+        want: usize,
+    },
 }
 
-/// Runs the demo; returns the process exit code (0 only if the destination is byte-exact).
-pub fn run(opts: &DemoOptions) -> i32 {
-    match demo(opts) {
-        Ok(text) => {
-            print!("{text}");
-            0
-        }
-        Err(e) => {
-            eprintln!("multifd demo: {e}");
-            1
+impl fmt::Display for DemoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { size } => write!(f, "size {size} does not fit in memory"),
+            Self::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            Self::Receiver(r, None) => write!(f, "receiver: {} (sender: ok)", r.error),
+            Self::Receiver(r, Some(s)) => write!(f, "receiver: {} (sender: {s})", r.error),
+            Self::NoPort => write!(f, "receiver: it did not report its port"),
+            Self::ReceiverPanicked => write!(f, "receiver: its thread panicked"),
+            Self::Sender(e) => write!(f, "sender: {e}"),
+            Self::Differs { pages, first } => {
+                write!(f, "verification failed: {pages} pages differ from the sender's final image, first page {first}")
+            }
+            Self::Length { got, want } => write!(f, "verification failed: {got} bytes received, {want} expected"),
         }
     }
 }
 
-fn demo(opts: &DemoOptions) -> Result<String, String> {
-    let size = usize::try_from(opts.size).map_err(|_| format!("size {} does not fit in memory", opts.size))?;
+impl std::error::Error for DemoError {}
+
+/// What a demo run did: both sides' reports, verified byte for byte.
+#[derive(Debug)]
+pub struct DemoReport {
+    /// The options it ran with.
+    pub opts: DemoOptions,
+    /// The sender's report.
+    pub send: SendReport,
+    /// The receiver's report.
+    pub recv: recv::Report,
+    /// Seconds spent generating the image.
+    pub image_seconds: f64,
+}
+
+/// [`DemoReport`] as JSON.
+#[derive(Debug, Serialize)]
+pub struct DemoJson<'a> {
+    /// The sender's summary.
+    pub sender: SendJson,
+    /// The receiver's summary.
+    pub receiver: recv::Summary<'a>,
+    /// How the destination was checked.
+    pub verified: &'static str,
+    /// Guest bytes.
+    pub size: u64,
+    /// Seconds spent generating the image.
+    pub image_seconds: f64,
+}
+
+impl DemoReport {
+    /// The JSON form.
+    pub fn json(&self) -> DemoJson<'_> {
+        DemoJson {
+            sender: SendJson::completed(&self.send, PAGE as u32),
+            receiver: recv::Summary { status: "completed", error: None, report: &self.recv },
+            verified: "byte-exact",
+            size: self.opts.size,
+            image_seconds: self.image_seconds,
+        }
+    }
+
+    /// The summary table.
+    pub fn text(&self) -> String {
+        let (o, r) = (&self.opts, &self.recv);
+        format!(
+            "multifd demo: {} MiB guest, {} channels, {}% zero pages, seed {}\n{}{}{:<22} {} epochs, {} packets, {:.3} s from listening to block file written\n{:<22} byte-exact ({} pages)\n",
+            o.size >> 20,
+            o.channels,
+            o.zero_percent,
+            o.seed,
+            format_report(&self.send, PAGE as u32),
+            channel_balance(&r.channels),
+            "receiver",
+            r.sync_epochs,
+            r.packets,
+            r.seconds,
+            "verification",
+            o.size / PAGE as u64
+        )
+    }
+}
+
+/// Runs the demo in a fresh directory under the system's temporary directory.
+pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
+    let size = usize::try_from(opts.size).map_err(|_| DemoError::TooLarge { size: opts.size })?;
     let dir = std::env::temp_dir().join(format!("multifd-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|error| DemoError::Io { path: dir.clone(), error })?;
     let result = demo_in(opts, size, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<String, String> {
+fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<DemoReport, DemoError> {
     let t_gen = Instant::now();
     let image = generate_image(size, opts.zero_percent, opts.seed);
-    let gen_secs = t_gen.elapsed().as_secs_f64();
+    let image_seconds = t_gen.elapsed().as_secs_f64();
     let mut images = ImageSet { blocks: vec![("m0".into(), GuestImage::new(image))] };
-    let port_file = dir.join("port");
-    let out = dir.join("out");
+    let (port_file, out) = (dir.join("port"), dir.join("out"));
     let ropts = recv::Options {
         listen: "127.0.0.1:0".into(),
         channels: opts.channels,
@@ -164,56 +256,76 @@ fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<Str
         // The receiver's progress line (a bar on a terminal) is the demo's progress display.
         progress: !opts.json,
     };
-    let (send_result, recv_report) = std::thread::scope(|s| {
+    let (sent, received) = std::thread::scope(|s| {
         let receiver = s.spawn(|| recv::run(&ropts));
-        let t0 = Instant::now();
-        let port = loop {
-            if let Some(p) = std::fs::read_to_string(&port_file).ok().and_then(|t| t.trim().parse::<u16>().ok()) {
-                break Some(p);
-            }
-            if receiver.is_finished() || t0.elapsed() > Duration::from_secs(10) {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let sent = match wait_port(&port_file, &receiver) {
+            Some(port) => send_rounds(opts, size, port, &images),
+            None => Err(None),
         };
-        let send_result = match port {
-            Some(port) => {
-                let sopts = SendOptions {
-                    connect: ([127, 0, 0, 1], port).into(),
-                    channels: opts.channels,
-                    uuid: [0; 16],
-                    machine: "none".into(),
-                    page_size: PAGE as u32,
-                };
-                let mut emb = DemoPrecopy {
-                    images: &images,
-                    pages: size / PAGE,
-                    rounds: opts.rounds.max(2),
-                    rng: Rng::new(opts.seed ^ 0xd1b5_4a32_d192_ed03),
-                    bitmaps: Vec::new(),
-                };
-                migrate(&sopts, &images, &mut emb, &AtomicBool::new(false)).map_err(|e| e.to_string())
-            }
-            None => Err("the receiver did not report its port".to_owned()),
-        };
-        (send_result, receiver.join().map_err(|_| "the receiver thread panicked".to_owned()))
+        (sent, receiver.join())
     });
-    let recv_report = recv_report?;
-    if let Some(e) = &recv_report.error {
-        return Err(format!("receiver: {e} (sender: {})", send_result.err().unwrap_or_else(|| "ok".into())));
+    let recv = match (received, sent) {
+        (Err(_), _) => return Err(DemoError::ReceiverPanicked),
+        (Ok(Err(failed)), sent) => return Err(DemoError::Receiver(Box::new(failed), sent.err().flatten())),
+        (Ok(Ok(_)), Err(None)) => return Err(DemoError::NoPort),
+        (Ok(Ok(_)), Err(Some(e))) => return Err(DemoError::Sender(e)),
+        (Ok(Ok(recv)), Ok(send)) => (recv, send),
+    };
+    verify(&out.join(recv::block_file_name(b"m0")), images.blocks[0].1.as_bytes())?;
+    Ok(DemoReport { opts: opts.clone(), send: recv.1, recv: recv.0, image_seconds })
+}
+
+/// The receiver's port, once its port file is written; `None` if it ended or took over 10 s.
+fn wait_port<T>(port_file: &std::path::Path, receiver: &std::thread::ScopedJoinHandle<'_, T>) -> Option<u16> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(p) = std::fs::read_to_string(port_file).ok().and_then(|t| t.trim().parse::<u16>().ok()) {
+            return Some(p);
+        }
+        if receiver.is_finished() || t0.elapsed() > Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
-    let report = send_result.map_err(|e| format!("sender: {e}"))?;
-    // Verify: the received block file against the sender's final image, page by page.
-    let file: PathBuf = out.join(recv::block_file_name(b"m0"));
-    let expected = images.blocks[0].1.as_bytes();
-    let mut f = File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+}
+
+/// The sender's rounds into the receiver on `port`.
+fn send_rounds(
+    opts: &DemoOptions,
+    size: usize,
+    port: u16,
+    images: &ImageSet,
+) -> Result<SendReport, Option<SendFailure>> {
+    let sopts = SendOptions {
+        connect: ([127, 0, 0, 1], port).into(),
+        channels: opts.channels,
+        uuid: [0; 16],
+        machine: "none".into(),
+        page_size: PAGE as u32,
+    };
+    let mut emb = DemoPrecopy {
+        images,
+        pages: size / PAGE,
+        rounds: opts.rounds.max(2),
+        rng: Rng::new(opts.seed ^ 0xd1b5_4a32_d192_ed03),
+        bitmaps: Vec::new(),
+    };
+    migrate(&sopts, images, &mut emb, &AtomicBool::new(false)).map_err(Some)
+}
+
+/// Checks the received block file against the sender's final image, page by page.
+fn verify(file: &std::path::Path, expected: &[u8]) -> Result<(), DemoError> {
+    let io = |error| DemoError::Io { path: file.to_path_buf(), error };
+    let mut f = File::open(file).map_err(io)?;
     let (mut bad, mut first_bad, mut buf, mut at) = (0u64, None, vec![0u8; 1 << 20], 0usize);
     loop {
-        let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", file.display()))?;
+        let n = f.read(&mut buf).map_err(io)?;
         if n == 0 {
             break;
         }
-        let want = expected.get(at..at + n).ok_or_else(|| format!("{} is longer than the image", file.display()))?;
+        let Some(want) = expected.get(at..at + n) else {
+            return Err(DemoError::Length { got: at + n, want: expected.len() });
+        };
         for (k, (a, b)) in buf[..n].chunks(PAGE).zip(want.chunks(PAGE)).enumerate() {
             if a != b {
                 bad += 1;
@@ -223,50 +335,24 @@ fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<Str
         at += n;
     }
     if at != expected.len() {
-        return Err(format!("{}: {at} bytes received, {} expected", file.display(), expected.len()));
+        return Err(DemoError::Length { got: at, want: expected.len() });
     }
-    if bad > 0 {
-        return Err(format!(
-            "verification failed: {bad} pages differ from the sender's final image, first page {first_bad:?}"
-        ));
+    match first_bad {
+        Some(first) => Err(DemoError::Differs { pages: bad, first }),
+        None => Ok(()),
     }
-    let mut text = format_report(&report, PAGE as u32, opts.json);
-    let balance = channel_balance(&recv_report.channels);
-    if opts.json {
-        text = format!(
-            "{{\"sender\":{},\"receiver\":{},\"verified\":\"byte-exact\",\"size\":{},\"image_seconds\":{gen_secs:.3}}}\n",
-            text.trim_end(),
-            recv_report.to_json(),
-            opts.size
-        );
-    } else {
-        text = format!(
-            "multifd demo: {} MiB guest, {} channels, {}% zero pages, seed {}\n{text}{balance}{:<22} {} epochs, {} packets, {:.3} s from listening to block file written\n{:<22} byte-exact ({} pages)\n",
-            opts.size >> 20,
-            opts.channels,
-            opts.zero_percent,
-            opts.seed,
-            "receiver",
-            recv_report.sync_epochs,
-            recv_report.packets,
-            recv_report.seconds,
-            "verification",
-            size / PAGE
-        );
-    }
-    Ok(text)
 }
 
 /// The per-channel balance table: what each channel carried, as seen by the receiver, and its share
 /// of the data pages (an even spread is 100/N % each).
-pub fn channel_balance(channels: &[(u8, multifd_core::recv::ChannelStats)]) -> String {
-    let total: u64 = channels.iter().map(|(_, c)| c.normal_pages).sum();
+pub fn channel_balance(channels: &[recv::ChannelReport]) -> String {
+    let total: u64 = channels.iter().map(|c| c.normal_pages).sum();
     let mut out = String::from("channel    packets     normal       zero    MiB   share\n");
-    for (id, c) in channels {
+    for c in channels {
         let share = if total == 0 { 0.0 } else { 100.0 * c.normal_pages as f64 / total as f64 };
         out += &format!(
             "{:>7} {:>10} {:>10} {:>10} {:>6.1} {:>6.1}%\n",
-            id,
+            c.id,
             c.packets,
             c.normal_pages,
             c.zero_pages,

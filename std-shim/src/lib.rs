@@ -12,6 +12,7 @@ pub mod mem;
 pub mod platform;
 pub mod recv;
 pub mod send;
+mod util;
 
 /// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.
 pub fn init_logging(default_level: log::LevelFilter) {

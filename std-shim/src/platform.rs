@@ -101,6 +101,23 @@ impl<F> ScopedPlatform<'_, '_, '_, F> {
     }
 }
 
+/// A worker thread could not be started.
+#[derive(Debug)]
+pub struct StartError {
+    /// The channel.
+    pub channel: ChannelId,
+    /// What the OS said.
+    pub error: io::Error,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: starting its worker thread: {}", self.channel, self.error)
+    }
+}
+
+impl std::error::Error for StartError {}
+
 /// A started worker of a [`ScopedPlatform`]; only `start` makes one, and `join` consumes it.
 #[derive(Debug)]
 pub struct WorkerToken(ChannelId);
@@ -140,13 +157,14 @@ where
     F: Fn(ChannelId, &StdWaker<'_>) + Sync,
 {
     type Handle = WorkerToken;
-    type Error = io::Error;
+    type Error = StartError;
 
-    fn start(&self, channel: ChannelId) -> Result<WorkerToken, io::Error> {
+    fn start(&self, channel: ChannelId) -> Result<WorkerToken, StartError> {
         let (worker, waker) = (self.worker, self.waker);
         let handle = thread::Builder::new()
             .name(self.role.thread_name(channel))
-            .spawn_scoped(self.scope, move || worker(channel, waker))?;
+            .spawn_scoped(self.scope, move || worker(channel, waker))
+            .map_err(|error| StartError { channel, error })?;
         self.waker.register(channel, handle.thread().clone());
         lock(self.joins)[channel.index()] = Some(handle);
         Ok(WorkerToken(channel))
@@ -175,9 +193,9 @@ mod tests {
 
     #[derive(Debug)]
     struct Err(#[allow(dead_code)] io::ErrorKind);
-    impl From<io::Error> for Err {
-        fn from(e: io::Error) -> Self {
-            Err(e.kind())
+    impl From<StartError> for Err {
+        fn from(e: StartError) -> Self {
+            Err(e.error.kind())
         }
     }
 

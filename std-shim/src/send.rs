@@ -3,11 +3,11 @@
 //!
 //! The library entry point is [`migrate`]: it takes the blocks ([`ImageSet`]), an embedder that
 //! implements [`Precopy`] (which pages each round sends, when to stop), and a cancel flag. The
-//! command line uses [`StaticPrecopy`] (one round of every page) and [`run_cli`].
+//! command line (`src/bin`) uses [`StaticPrecopy`] (one round of every page).
 
 use std::fmt;
 use std::io::{self, IoSlice, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -22,8 +22,10 @@ use multifd_core::send::{
     precopy,
 };
 use multifd_core::wire::{Geometry, Layout};
+use serde::Serialize;
 
-use crate::platform::{Role, StdWaker, WakeHook, WorkerToken, run_scoped};
+use crate::platform::{Role, StartError, StdWaker, WakeHook, WorkerToken, run_scoped};
+use crate::util::{Stall, lock, secs, timed_out, unix_now};
 
 /// Channels a std migration can have (the engine's capacity).
 pub const MAX_SEND_CHANNELS: usize = 16;
@@ -246,8 +248,13 @@ pub enum SendFailure {
     },
     /// The main stream's write failed.
     Main(io::Error),
-    /// A worker thread could not be started.
-    Spawn(io::Error),
+    /// A worker thread could not be started, or a socket could not be cloned for shutdown.
+    Spawn {
+        /// The channel.
+        channel: u8,
+        /// The error.
+        err: io::Error,
+    },
     /// Cancelled (SIGINT or the cancel flag).
     Interrupted,
     /// A connection was not established within the connect timeout.
@@ -287,11 +294,6 @@ pub enum PeerAction {
     Closed,
 }
 
-/// A duration in seconds for messages: whole seconds without decimals.
-fn secs(d: Duration) -> String {
-    if d.subsec_nanos() == 0 { format!("{} s", d.as_secs()) } else { format!("{:.3} s", d.as_secs_f64()) }
-}
-
 impl fmt::Display for SendFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -303,7 +305,7 @@ impl fmt::Display for SendFailure {
             }
             Self::Channel { channel, packet_num: None, err } => write!(f, "channel {channel}: init packet: {err}"),
             Self::Main(err) => write!(f, "main stream: {err}"),
-            Self::Spawn(err) => write!(f, "starting a channel worker: {err}"),
+            Self::Spawn { channel, err } => write!(f, "channel {channel}: starting its worker: {err}"),
             Self::Interrupted => f.write_str("interrupted: migration cancelled"),
             Self::ConnectTimeout { what, addr, waited } => {
                 write!(f, "{what}: connect to {addr}: no answer within {} (--connect-timeout)", secs(*waited))
@@ -328,9 +330,9 @@ impl fmt::Display for SendFailure {
 
 impl std::error::Error for SendFailure {}
 
-impl From<io::Error> for SendFailure {
-    fn from(err: io::Error) -> Self {
-        Self::Spawn(err)
+impl From<StartError> for SendFailure {
+    fn from(e: StartError) -> Self {
+        Self::Spawn { channel: e.channel.0, err: e.error }
     }
 }
 
@@ -495,27 +497,21 @@ impl Notify for SendNotify {
 /// The main stream as a [`MainSink`].
 struct MainStream<'a> {
     stream: &'a TcpStream,
-    written: &'a AtomicU64,
-    io_timeout: Option<Duration>,
+    stall: Stall<'a>,
 }
 
 impl MainSink for MainStream<'_> {
     type Error = SendFailure;
     fn write(&mut self, bytes: &[u8]) -> Result<(), SendFailure> {
         let what = || "main stream".to_owned();
-        write_all_vectored(self.stream, &mut [IoSlice::new(bytes)], self.written, self.io_timeout).map_err(|err| {
-            match self.io_timeout {
+        write_all_vectored(self.stream, &mut [IoSlice::new(bytes)], self.stall).map_err(|err| {
+            match self.stall.limit {
                 Some(waited) if timed_out(&err) => SendFailure::Stalled { what: what(), packet_num: None, waited },
                 _ => SendFailure::Main(err),
             }
         })?;
         check_peer(self.stream).map_err(|f| f.unwrap_or_else(|did| SendFailure::Peer { what: what(), did }))
     }
-}
-
-/// Whether `e` is a write (or connect) that ran out of its timeout.
-fn timed_out(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Looks, without waiting, whether the destination wrote to or closed a connection it may only
@@ -539,10 +535,6 @@ fn check_peer(stream: &TcpStream) -> Result<(), Result<SendFailure, PeerAction>>
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn connect(addr: SocketAddr, what: String, limits: &SendLimits) -> Result<TcpStream, SendFailure> {
     let s = TcpStream::connect_timeout(&addr, limits.connect_timeout).map_err(|err| {
         if timed_out(&err) {
@@ -552,43 +544,28 @@ fn connect(addr: SocketAddr, what: String, limits: &SendLimits) -> Result<TcpStr
         }
     })?;
     s.set_nodelay(true).map_err(|err| SendFailure::Connect { what: what.clone(), addr, err })?;
-    let slice = limits.io_timeout.map(|l| (l / 4).max(Duration::from_millis(10)));
-    s.set_write_timeout(slice).map_err(|err| SendFailure::Connect { what, addr, err })?;
+    s.set_write_timeout(Stall::socket_timeout(limits.io_timeout)).map_err(|err| SendFailure::Connect {
+        what,
+        addr,
+        err,
+    })?;
     Ok(s)
 }
 
-/// Writes all of `bufs` with vectored writes, counting the bytes in `written` (shared by every
-/// connection). Sockets have a write timeout of a quarter of the io timeout; a write that times out
-/// is tried again unless the destination took no byte on any connection for the whole io timeout.
-/// So one connection may wait while others move, and a stall is noticed soon after the io timeout.
-fn write_all_vectored(
-    mut s: &TcpStream,
-    mut bufs: &mut [IoSlice<'_>],
-    written: &AtomicU64,
-    io_timeout: Option<Duration>,
-) -> io::Result<()> {
-    // Relaxed: a progress counter; only whether it moved matters.
-    let mut seen = written.load(Ordering::Relaxed);
-    let mut since = Instant::now();
+/// Writes all of `bufs` with vectored writes, counting the bytes in the shared counter. Sockets have
+/// a write timeout of [`Stall::socket_timeout`]; a write that times out is tried again unless the
+/// destination took no byte on any connection for the whole io timeout ([`multifd_core::stall`]).
+fn write_all_vectored(mut s: &TcpStream, mut bufs: &mut [IoSlice<'_>], stall: Stall<'_>) -> io::Result<()> {
+    let mut w = stall.watch();
     while !bufs.is_empty() {
         match s.write_vectored(bufs) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
             Ok(n) => {
-                // Relaxed: as above.
-                written.fetch_add(n as u64, Ordering::Relaxed);
+                stall.moved(n);
                 IoSlice::advance_slices(&mut bufs, n);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if timed_out(&e) => {
-                // Relaxed: as above.
-                let now = written.load(Ordering::Relaxed);
-                if now != seen {
-                    seen = now;
-                    since = Instant::now();
-                } else if io_timeout.is_some_and(|l| since.elapsed() >= l) {
-                    return Err(e);
-                }
-            }
+            Err(e) if timed_out(&e) && stall.again(&mut w) => {}
             Err(e) => return Err(e),
         }
     }
@@ -596,6 +573,102 @@ fn write_all_vectored(
 }
 
 type Engine<'b> = SendEngine<'b, ImageSet, WorkerToken, SendFailure, MAX_SEND_CHANNELS>;
+
+/// What every channel worker of a send migration shares.
+struct Worker<'w, 'b> {
+    engine: &'w Engine<'b>,
+    notify: &'w SendNotify,
+    streams: &'w Mutex<Vec<Option<TcpStream>>>,
+    pace: Option<&'w Pace>,
+    stall: Stall<'w>,
+}
+
+impl Worker<'_, '_> {
+    /// Channel `id`'s worker: each packet the engine builds, written with one vectored write (the
+    /// header, then the guest pages straight from the image), until the migration ends.
+    fn run(&self, id: ChannelId, waker: &StdWaker<'_>) -> Result<(), SendFailure> {
+        lock(&self.notify.workers)[id.index()] = Some(thread::current());
+        let Some(stream) = lock(self.streams)[id.index()].take() else { return Ok(()) };
+        let mut ch = self.engine.channel(id).map_err(SendFailure::Engine)?;
+        ch.ready(self.notify);
+        loop {
+            let out = match ch.next(waker) {
+                Ok(out) => out,
+                Err(SendError::Cancelled) => return Ok(()),
+                Err(e) => return Err(SendFailure::Engine(e)),
+            };
+            // On the stack: no heap allocation per packet (tests/tests/no_alloc_steady.rs).
+            let mut slices = [IoSlice::new(&[]); 1 + multifd_core::send::MAX_PAGE_COUNT];
+            slices[0] = IoSlice::new(out.header());
+            let mut used = 1;
+            debug_assert!(out.pages().len() < slices.len(), "a packet holds at most MAX_PAGE_COUNT pages");
+            for (slot, page) in slices[1..].iter_mut().zip(out.pages()) {
+                *slot = IoSlice::new(page);
+                used += 1;
+            }
+            let packet_num = out.packet_num;
+            if let Some(pace) = self.pace {
+                let bytes = slices[..used].iter().map(|s| s.len()).sum();
+                pace.take(bytes, || self.engine.lifecycle().is_quitting());
+            }
+            let what = || format!("channel {}", id.0);
+            write_all_vectored(&stream, &mut slices[..used], self.stall).map_err(|err| match self.stall.limit {
+                Some(waited) if timed_out(&err) => {
+                    SendFailure::Stalled { what: what(), packet_num: Some(packet_num), waited }
+                }
+                _ => SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err },
+            })?;
+            check_peer(&stream).map_err(|f| match f {
+                Ok(SendFailure::Main(err)) => SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err },
+                Ok(other) => other,
+                Err(did) => SendFailure::Peer { what: what(), did },
+            })?;
+            ch.done(self.notify);
+        }
+    }
+}
+
+/// Connects channel `id` and writes its init packet: the steps before its worker starts.
+fn open_channel(
+    opts: &SendOptions,
+    limits: &SendLimits,
+    id: ChannelId,
+    streams: &Mutex<Vec<Option<TcpStream>>>,
+    shutdowns: &Mutex<Vec<TcpStream>>,
+) -> Result<(), SendFailure> {
+    let stream = connect(opts.connect, format!("channel {}", id.0), limits)?;
+    let init = multifd_core::send::init_packet(id, opts.uuid);
+    let mut w = &stream;
+    w.write_all(&init).map_err(|err| SendFailure::Channel { channel: id.0, packet_num: None, err })?;
+    let clone = stream.try_clone().map_err(|err| SendFailure::Spawn { channel: id.0, err })?;
+    lock(shutdowns).push(clone);
+    lock(streams)[id.index()] = Some(stream);
+    Ok(())
+}
+
+/// The producer's rounds; a failure is recorded on the engine's lifecycle (`Err(None)`).
+fn run_precopy<P: Precopy + ?Sized>(
+    engine: &Engine<'_>,
+    platform: &impl multifd_core::lifecycle::Wake,
+    notify: &SendNotify,
+    main: &mut MainStream<'_>,
+    recording: &mut Recording<'_, P>,
+    opts: &SendOptions,
+) -> Result<Summary, Option<()>> {
+    let mut producer = engine.producer().map_err(|_| None)?;
+    precopy(&mut producer, notify, main, recording, opts.machine.as_bytes()).map_err(|e| {
+        match e {
+            PrecopyError::Main(failure) => {
+                engine.lifecycle().record_error(platform, failure);
+            }
+            PrecopyError::Send(SendError::Cancelled) => {}
+            PrecopyError::Send(other) => {
+                engine.lifecycle().record_error(platform, SendFailure::Engine(other));
+            }
+        }
+        None
+    })
+}
 
 /// Migrates `blocks` to `opts.connect`: connects the main stream and `opts.channels` channels, runs
 /// `embedder`'s rounds with the core's precopy driver, and joins every worker before returning.
@@ -634,61 +707,11 @@ pub fn migrate_with<P: Precopy + ?Sized>(
     let notify = SendNotify { workers: Mutex::new(vec![None; MAX_SEND_CHANNELS]), producer: thread::current() };
     let engine_ref: &Engine<'_> = &engine;
 
+    let stall = Stall { total: &written, limit: limits.io_timeout };
+    let ctx = Worker { engine: engine_ref, notify: &notify, streams: &streams, pace: pace.as_ref(), stall };
     let worker = |id: ChannelId, waker: &StdWaker<'_>| {
-        lock(&notify.workers)[id.index()] = Some(thread::current());
-        let Some(stream) = lock(&streams)[id.index()].take() else { return };
-        let mut ch = match engine_ref.channel(id) {
-            Ok(ch) => ch,
-            Err(e) => {
-                engine_ref.lifecycle().record_error(waker, SendFailure::Engine(e));
-                return;
-            }
-        };
-        ch.ready(&notify);
-        loop {
-            let out = match ch.next(waker) {
-                Ok(out) => out,
-                Err(SendError::Cancelled) => return,
-                Err(e) => {
-                    engine_ref.lifecycle().record_error(waker, SendFailure::Engine(e));
-                    return;
-                }
-            };
-            // On the stack: no heap allocation per packet (tests/tests/no_alloc_steady.rs).
-            let mut slices = [IoSlice::new(&[]); 1 + multifd_core::send::MAX_PAGE_COUNT];
-            slices[0] = IoSlice::new(out.header());
-            let mut used = 1;
-            debug_assert!(out.pages().len() < slices.len(), "a packet holds at most MAX_PAGE_COUNT pages");
-            for (slot, page) in slices[1..].iter_mut().zip(out.pages()) {
-                *slot = IoSlice::new(page);
-                used += 1;
-            }
-            let packet_num = out.packet_num;
-            if let Some(pace) = &pace {
-                let bytes = slices[..used].iter().map(|s| s.len()).sum();
-                pace.take(bytes, || engine_ref.lifecycle().is_quitting());
-            }
-            if let Err(err) = write_all_vectored(&stream, &mut slices[..used], &written, limits.io_timeout) {
-                let what = format!("channel {}", id.0);
-                let failure = match limits.io_timeout {
-                    Some(waited) if timed_out(&err) => {
-                        SendFailure::Stalled { what, packet_num: Some(packet_num), waited }
-                    }
-                    _ => SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err },
-                };
-                engine_ref.lifecycle().record_error(waker, failure);
-                return;
-            }
-            if let Err(f) = check_peer(&stream) {
-                let failure = f.unwrap_or_else(|did| SendFailure::Peer { what: format!("channel {}", id.0), did });
-                let failure = match failure {
-                    SendFailure::Main(err) => SendFailure::Channel { channel: id.0, packet_num: Some(packet_num), err },
-                    other => other,
-                };
-                engine_ref.lifecycle().record_error(waker, failure);
-                return;
-            }
-            ch.done(&notify);
+        if let Err(failure) = ctx.run(id, waker) {
+            engine_ref.lifecycle().record_error(waker, failure);
         }
     };
     // Terminate shuts every transport down (main stream included), so blocked writes end (QEMU B15).
@@ -713,39 +736,12 @@ pub fn migrate_with<P: Precopy + ?Sized>(
                     thread::sleep(Duration::from_millis(10));
                 }
             });
-            let created = engine_ref.lifecycle().create_all(platform, |id| {
-                let stream = connect(opts.connect, format!("channel {}", id.0), limits)?;
-                let init = multifd_core::send::init_packet(id, opts.uuid);
-                let mut w = &stream;
-                w.write_all(&init).map_err(|err| SendFailure::Channel { channel: id.0, packet_num: None, err })?;
-                lock(&shutdowns).push(stream.try_clone().map_err(SendFailure::Spawn)?);
-                lock(&streams)[id.index()] = Some(stream);
-                Ok(())
-            });
+            let created =
+                engine_ref.lifecycle().create_all(platform, |id| open_channel(opts, limits, id, &streams, &shutdowns));
             let result = match created {
                 Ok(r) if r.started == opts.channels => {
-                    let mut producer = engine_ref.producer().map_err(SendFailure::Engine);
-                    match &mut producer {
-                        Ok(p) => precopy(
-                            p,
-                            &notify,
-                            &mut MainStream { stream: &main, written: &written, io_timeout: limits.io_timeout },
-                            &mut recording,
-                            opts.machine.as_bytes(),
-                        )
-                        .map_err(|e| match e {
-                            PrecopyError::Main(failure) => {
-                                engine_ref.lifecycle().record_error(platform, failure);
-                                None
-                            }
-                            PrecopyError::Send(SendError::Cancelled) => None,
-                            PrecopyError::Send(other) => {
-                                engine_ref.lifecycle().record_error(platform, SendFailure::Engine(other));
-                                None
-                            }
-                        }),
-                        Err(_) => Err(None),
-                    }
+                    let mut main = MainStream { stream: &main, stall };
+                    run_precopy(engine_ref, platform, &notify, &mut main, &mut recording, opts)
                 }
                 _ => Err(None::<()>),
             };
@@ -773,20 +769,6 @@ fn take_error(engine: &mut Engine<'_>) -> SendFailure {
     engine.lifecycle_mut().take_error().unwrap_or(SendFailure::Interrupted)
 }
 
-/// Parses a UUID (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, dashes optional).
-pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
-    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
-    if hex.len() != 32 {
-        return Err(format!("uuid {s:?}: {} hex digits, 32 expected", hex.len()));
-    }
-    let mut out = [0u8; 16];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let txt = std::str::from_utf8(pair).map_err(|_| format!("uuid {s:?}: not hex"))?;
-        out[i] = u8::from_str_radix(txt, 16).map_err(|_| format!("uuid {s:?}: {txt:?} is not hex"))?;
-    }
-    Ok(out)
-}
-
 static SIGINT: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_sig: libc::c_int) {
@@ -804,44 +786,120 @@ pub fn cancel_on_sigint() -> &'static AtomicBool {
     &SIGINT
 }
 
-/// Formats a report as a table (or JSON).
-pub fn format_report(r: &SendReport, page_size: u32, json: bool) -> String {
+/// A send report as JSON: what `multifd send --json` prints.
+#[derive(Debug, Serialize)]
+pub struct SendJson {
+    /// `completed` or `failed`.
+    pub status: &'static str,
+    /// The failure's message, if it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Channels used.
+    pub channels: u8,
+    /// Rounds sent.
+    pub rounds: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Pages with data.
+    pub normal_pages: u64,
+    /// Zero pages.
+    pub zero_pages: u64,
+    /// Bytes on the channels.
+    pub wire_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Guest RAM per second.
+    pub guest_mib_per_s: f64,
+    /// SYNC packets per channel.
+    pub syncs_per_channel: u32,
+    /// Workers joined.
+    pub workers_joined: u8,
+    /// Each round.
+    pub per_round: Vec<RoundJson>,
+}
+
+/// One round in [`SendJson`].
+#[derive(Debug, Serialize)]
+pub struct RoundJson {
+    /// Round number.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Pages with data.
+    pub normal_pages: u64,
+    /// Zero pages.
+    pub zero_pages: u64,
+    /// Bytes on the channels.
+    pub bytes: u64,
+    /// Its duration.
+    pub seconds: f64,
+    /// Dirty pages left after it.
+    pub dirty_left: u64,
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+impl SendJson {
+    /// The JSON form of `r` (pages of `page_size` bytes).
+    pub fn completed(r: &SendReport, page_size: u32) -> Self {
+        let (t, secs) = (r.summary.total, r.elapsed.as_secs_f64());
+        let per_round = r
+            .rounds
+            .iter()
+            .map(|s| RoundJson {
+                round: s.round,
+                pages: s.pages,
+                normal_pages: s.normal_pages,
+                zero_pages: s.zero_pages,
+                bytes: s.bytes,
+                seconds: s.nanos as f64 / 1e9,
+                dirty_left: s.dirty_left,
+            })
+            .collect();
+        Self {
+            status: "completed",
+            error: None,
+            channels: r.channels,
+            rounds: r.summary.rounds,
+            pages: t.pages,
+            normal_pages: t.normal_pages,
+            zero_pages: t.zero_pages,
+            wire_bytes: t.bytes,
+            seconds: secs,
+            guest_mib_per_s: mib(t.pages * u64::from(page_size)) / secs.max(1e-9),
+            syncs_per_channel: r.summary.syncs_per_channel,
+            workers_joined: r.joined,
+            per_round,
+        }
+    }
+
+    /// The JSON form of a failed migration over `channels` channels.
+    pub fn failed(error: &SendFailure, channels: u8) -> Self {
+        Self {
+            status: "failed",
+            error: Some(error.to_string()),
+            channels,
+            rounds: 0,
+            pages: 0,
+            normal_pages: 0,
+            zero_pages: 0,
+            wire_bytes: 0,
+            seconds: 0.0,
+            guest_mib_per_s: 0.0,
+            syncs_per_channel: 0,
+            workers_joined: 0,
+            per_round: Vec::new(),
+        }
+    }
+}
+
+/// Formats a report as a table.
+pub fn format_report(r: &SendReport, page_size: u32) -> String {
     let t = r.summary.total;
     let secs = r.elapsed.as_secs_f64();
     let guest_bytes = t.pages * u64::from(page_size);
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    if json {
-        let rounds: Vec<String> = r
-            .rounds
-            .iter()
-            .map(|s| {
-                format!(
-                    r#"{{"round":{},"pages":{},"normal_pages":{},"zero_pages":{},"bytes":{},"seconds":{:.6},"dirty_left":{}}}"#,
-                    s.round,
-                    s.pages,
-                    s.normal_pages,
-                    s.zero_pages,
-                    s.bytes,
-                    s.nanos as f64 / 1e9,
-                    s.dirty_left
-                )
-            })
-            .collect();
-        return format!(
-            r#"{{"status":"completed","channels":{},"rounds":{},"pages":{},"normal_pages":{},"zero_pages":{},"wire_bytes":{},"seconds":{:.6},"guest_mib_per_s":{:.1},"syncs_per_channel":{},"workers_joined":{},"per_round":[{}]}}"#,
-            r.channels,
-            r.summary.rounds,
-            t.pages,
-            t.normal_pages,
-            t.zero_pages,
-            t.bytes,
-            secs,
-            mib(guest_bytes) / secs.max(1e-9),
-            r.summary.syncs_per_channel,
-            r.joined,
-            rounds.join(",")
-        ) + "\n";
-    }
     let mut out = String::new();
     out += &format!("{:<22} {}\n", "status", "completed");
     out += &format!("{:<22} {}\n", "channels", r.channels);
@@ -867,53 +925,9 @@ pub fn format_report(r: &SendReport, page_size: u32, json: bool) -> String {
     out
 }
 
-/// `multifd send`: loads the images, migrates them, prints the report; returns the exit status.
-pub fn run_cli(
-    connect: &str,
-    channels: u8,
-    images: &[String],
-    machine: &str,
-    uuid: Option<&str>,
-    json: bool,
-    limits: &SendLimits,
-) -> i32 {
-    let addr = match connect.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        _ => {
-            eprintln!("multifd send: --connect {connect:?} is not an address (HOST:PORT)");
-            return 2;
-        }
-    };
-    let uuid = match uuid.map(parse_uuid).transpose() {
-        Ok(u) => u.unwrap_or([0; 16]),
-        Err(e) => {
-            eprintln!("multifd send: {e}");
-            return 2;
-        }
-    };
-    let blocks = match ImageSet::load(images) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("multifd send: {e}");
-            return 1;
-        }
-    };
-    let cancel = cancel_on_sigint();
-    let opts = SendOptions { connect: addr, channels, uuid, machine: machine.to_owned(), page_size: 4096 };
-    let mut embedder = StaticPrecopy::new(&blocks, opts.page_size);
-    // The moment the migration starts (images loaded, before connecting), for benchmarks.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    eprintln!("multifd send: connecting at unix time {:.6}", now.as_secs_f64());
-    match migrate_with(&opts, limits, &blocks, &mut embedder, cancel) {
-        Ok(report) => {
-            print!("{}", format_report(&report, opts.page_size, json));
-            0
-        }
-        Err(e) => {
-            eprintln!("multifd send: {e}");
-            if matches!(e, SendFailure::Interrupted) { 130 } else { 1 }
-        }
-    }
+/// Announces the migration's start on stderr, with the unix time the benchmarks read.
+pub fn announce_start() {
+    eprintln!("multifd send: connecting at unix time {:.6}", unix_now());
 }
 
 /// Path helper for callers: the default block name of an image (its file stem).

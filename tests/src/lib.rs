@@ -80,3 +80,16 @@ fn worker_threads_listed() -> usize {
         .count()
 }
 pub mod qemu;
+
+/// The error message of a `multifd recv` outcome, if it failed.
+pub fn recv_error(o: &multifd_std::recv::Outcome) -> Option<String> {
+    o.as_ref().err().map(|f| f.error.to_string())
+}
+
+/// The report of a `multifd recv` outcome: complete, or up to the failure.
+pub fn recv_report(o: &multifd_std::recv::Outcome) -> &multifd_std::recv::Report {
+    match o {
+        Ok(r) => r,
+        Err(f) => &f.report,
+    }
+}

@@ -269,9 +269,28 @@ impl Recv {
 
 /// The number after `"key": ` in a flat JSON text, the first occurrence from `from`.
 pub fn json_num(json: &str, key: &str) -> Option<u64> {
-    let pat = format!("\"{key}\": ");
-    let at = json.find(&pat)? + pat.len();
-    json[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    json_field(json, key)?.as_u64()
+}
+
+/// The first value named `key` in the JSON document `json` (depth first, in document order), or
+/// `None` if `json` is not JSON or has no such key.
+pub fn json_field(json: &str, key: &str) -> Option<serde_json::Value> {
+    fn find(v: &serde_json::Value, key: &str) -> Option<serde_json::Value> {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.iter().find_map(|(k, v)| if k == key { Some(v.clone()) } else { find(v, key) })
+            }
+            serde_json::Value::Array(a) => a.iter().find_map(|v| find(v, key)),
+            _ => None,
+        }
+    }
+    let doc: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+    find(&doc, key)
+}
+
+/// Whether the JSON document `json` has `"status"` equal to `status`.
+pub fn json_status(json: &str, status: &str) -> bool {
+    json_field(json, "status").is_some_and(|s| s == status)
 }
 
 /// A fresh temporary directory under the system temp dir.

@@ -2,6 +2,7 @@
 //! pages dirtied between them, and the destination verified byte for byte by the demo itself. The
 //! test also checks the report: the rounds, the SYNC count and the pages add up.
 
+use multifd_tests::qemu::json_num;
 use multifd_tests::qemu::multifd_bin;
 use std::process::Command;
 
@@ -32,13 +33,6 @@ fn demo_refuses_a_size_that_is_not_whole_pages() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a positive multiple of 4096"), "{stderr}");
-}
-
-/// The first number after `"key":` (with or without a space) in a flat JSON text.
-fn json_num(json: &str, key: &str) -> Option<u64> {
-    let pat = format!("\"{key}\":");
-    let at = json.find(&pat)? + pat.len();
-    json[at..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 /// Our sender into our receiver with 1, 2, 4 and 8 channels, three rounds with dirtied pages each:

@@ -23,14 +23,14 @@ enum Error {
     Io(io::ErrorKind),
 }
 
-impl From<io::Error> for Error {
-    fn from(e: io::Error) -> Self {
-        Error::Io(e.kind())
+impl From<multifd_std::platform::StartError> for Error {
+    fn from(e: multifd_std::platform::StartError) -> Self {
+        Error::Io(e.error.kind())
     }
 }
 
-impl From<StartError<io::Error>> for Error {
-    fn from(e: StartError<io::Error>) -> Self {
+impl From<StartError<multifd_std::platform::StartError>> for Error {
+    fn from(e: StartError<multifd_std::platform::StartError>) -> Self {
         match e {
             StartError::Injected { channel, .. } => Error::InjectedStart(channel.0),
             StartError::Platform(e) => e.into(),

@@ -160,7 +160,7 @@ fn steady_state_migration_of_256_mib_allocates_nothing_per_packet() {
             (sent, receiver.join().expect("receiver thread"))
         });
         let report = sent.expect("sender failed");
-        assert!(received.completed(), "receiver failed: {:?}", received.error);
+        assert!(received.is_ok(), "receiver failed: {:?}", multifd_tests::recv_error(&received));
         // The destination got the image.
         let got = std::fs::read(dir.join("out").join(recv::block_file_name(b"m0"))).unwrap();
         assert!(got == images.blocks[0].1.as_bytes(), "destination differs from the image");

@@ -85,7 +85,7 @@ fn expect_failure(tag: &str, extra: &[&str], conns: &[Vec<u8>]) -> (String, Stri
     drop(streams);
     let (code, json, stderr) = recv.wait(10);
     assert_ne!(code, Some(0), "{tag}: must fail: {stderr}");
-    assert!(json.contains("\"status\": \"failed\""), "{json}");
+    assert!(multifd_tests::qemu::json_status(&json, "failed"), "{json}");
     let line = stderr.lines().find(|l| l.starts_with("multifd recv: failed:")).unwrap_or_default().to_owned();
     let left = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "{tag}: files left in {}", out.display());

@@ -22,7 +22,7 @@ use multifd_core::send::{Precopy, Quiescent, RoundStats, Step};
 use multifd_core::wire::stream::{Event, Record, StreamConfig, StreamParser};
 use multifd_core::wire::{Flags, InitPacket, Packet, PacketConfig};
 use multifd_std::platform::{Role, WorkerToken, run_scoped};
-use multifd_std::recv::{self, Report};
+use multifd_std::recv::{self, Outcome as Report};
 use multifd_std::send::{GuestImage, ImageSet, SendFailure, SendOptions, StaticPrecopy, migrate};
 use multifd_tests::qemu::temp_dir;
 use multifd_tests::synthetic::{self, emit, geo, init, packet};
@@ -105,7 +105,7 @@ fn recv_failure(tag: &str, channels: u8, uuid: Option<[u8; 16]>, conns: &[Vec<u8
     let dir = r.dir.clone();
     let (report, out) = r.join(tag);
     drop(streams);
-    let err = report.error.clone().unwrap_or_else(|| panic!("{tag}: the receiver must fail: {}", report.to_json()));
+    let err = multifd_tests::recv_error(&report).unwrap_or_else(|| panic!("{tag}: the receiver must fail: {report:?}"));
     let left: Vec<_> =
         std::fs::read_dir(&out).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "{tag}: files left: {left:?}");
@@ -120,7 +120,7 @@ fn recv_success(tag: &str, channels: u8, conns: &[Vec<u8>]) -> Vec<u8> {
     drop(streams);
     let dir = r.dir.clone();
     let (report, out) = r.join(tag);
-    assert_eq!(report.error, None, "{tag}: {}", report.to_json());
+    assert_eq!(multifd_tests::recv_error(&report), None, "{tag}: {report:?}");
     let got = std::fs::read(out.join("m0.bin")).unwrap();
     let _ = std::fs::remove_dir_all(dir);
     got
@@ -278,7 +278,7 @@ fn loopback(tag: &str, channels: u8, images: &ImageSet, embedder: &mut dyn Preco
     let dir = r.dir.clone();
     let (report, out) = r.join(tag);
     let sent = sent.unwrap_or_else(|e| panic!("{tag}: sender: {e}"));
-    assert_eq!(report.error, None, "{tag}: receiver: {}", report.to_json());
+    assert_eq!(multifd_tests::recv_error(&report), None, "{tag}: receiver: {report:?}");
     let got = std::fs::read(out.join("m0.bin")).unwrap();
     let _ = std::fs::remove_dir_all(dir);
     (got, sent.joined)
@@ -294,9 +294,9 @@ enum CreateFail {
     Start(#[allow(dead_code)] io::ErrorKind),
 }
 
-impl From<io::Error> for CreateFail {
-    fn from(e: io::Error) -> Self {
-        CreateFail::Start(e.kind())
+impl From<multifd_std::platform::StartError> for CreateFail {
+    fn from(e: multifd_std::platform::StartError) -> Self {
+        CreateFail::Start(e.error.kind())
     }
 }
 
@@ -440,9 +440,9 @@ fn b12_std_cancel_while_recv_threads_parked_at_sync() {
         let dir = r.dir.clone();
         let (report, out) = r.join("b12");
         drop(chans);
-        let err = report.error.expect("must fail");
+        let err = multifd_tests::recv_error(&report).expect("must fail");
         assert!(err.contains("main stream"), "{err}");
-        assert_eq!(report.sync_epochs, 0, "no epoch was released");
+        assert_eq!(multifd_tests::recv_report(&report).sync_epochs, 0, "no epoch was released");
         assert_eq!(std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0), 0, "files left");
         let _ = std::fs::remove_dir_all(dir);
     });
@@ -804,7 +804,7 @@ fn b09_std_load_fails_while_channels_write() {
         let dir = r.dir.clone();
         let (report, out) = r.join("b09");
         drop(m);
-        let err = report.error.expect("must fail");
+        let err = multifd_tests::recv_error(&report).expect("must fail");
         for w in writers {
             assert!(w.join().unwrap(), "a channel writer kept writing for 20 s after the receiver ended");
         }
@@ -836,7 +836,7 @@ fn o3_std_channel_fails_before_sync_while_main_waits() {
         let dir = r.dir.clone();
         let (report, out) = r.join("o3");
         drop((main, c0, c1));
-        let err = report.error.expect("must fail");
+        let err = multifd_tests::recv_error(&report).expect("must fail");
         assert!(err.contains("channel 0") && err.contains("magic is 0xee223344"), "{err}");
         assert_eq!(std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0), 0, "files left");
         let _ = std::fs::remove_dir_all(dir);

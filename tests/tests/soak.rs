@@ -277,13 +277,13 @@ fn one_run(dir: &Path, size: usize, image_seed: u64, fault: Option<Fault>) -> (R
         let sent = migrate(&sopts, &images, &mut precopy, &AtomicBool::new(false));
         phase(format!("the sender returned ({:?}); waiting for the receiver", sent.as_ref().map(|_| "ok")));
         let report = receiver.join().expect("the receiver panicked");
-        phase(format!("the receiver returned ({:?}); waiting for the proxy", report.error));
+        phase(format!("the receiver returned ({:?}); waiting for the proxy", multifd_tests::recv_error(&report)));
         // Relaxed: a stop flag; the joins order everything else.
         stop.store(true, Ordering::Relaxed);
         let fired = proxy.join().expect("the proxy panicked");
         (report, sent, fired)
     });
-    let result = match (&report.error, &sent) {
+    let result = match (&multifd_tests::recv_error(&report), &sent) {
         (None, Ok(_)) => {
             let got = std::fs::read(out.join("m0.bin")).expect("a completed run wrote m0.bin");
             let bad = got.chunks(PAGE).zip(image.chunks(PAGE)).position(|(a, b)| a != b);
@@ -300,7 +300,7 @@ fn one_run(dir: &Path, size: usize, image_seed: u64, fault: Option<Fault>) -> (R
     };
     if let RunResult::Failed(_) = result {
         let left = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
-        let complete_recv = report.error.is_none();
+        let complete_recv = report.is_ok();
         assert!(complete_recv || left == 0, "a failed run left {left} files in {}", out.display());
     }
     (result, fired)

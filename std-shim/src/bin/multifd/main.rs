@@ -1,9 +1,13 @@
 //! `multifd`: command-line front end of multifd-rs.
 
+mod parse;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use multifd_std::inspect::{self, Options};
 use multifd_std::multifd_core::wire::Layout;
-use multifd_std::recv;
+use multifd_std::{recv, send};
+use parse::Timeout;
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,9 +39,9 @@ enum Command {
         /// Directory for the block files.
         #[arg(long)]
         out: PathBuf,
-        /// Refuse channels whose init packet carries another uuid.
-        #[arg(long)]
-        uuid: Option<String>,
+        /// Refuse channels whose init packet carries another uuid (32 hex digits, dashes allowed).
+        #[arg(long, value_parser = parse::uuid)]
+        uuid: Option<[u8; 16]>,
         /// Target page size of the migration.
         #[arg(long, default_value_t = 4096)]
         page_size: u32,
@@ -48,18 +52,18 @@ enum Command {
         #[arg(long)]
         port_file: Option<PathBuf>,
         /// Map and touch block NAME of SIZE bytes (K/M/G suffixes) before accepting connections.
-        #[arg(long, value_name = "NAME:SIZE")]
-        prealloc: Vec<String>,
+        #[arg(long, value_name = "NAME:SIZE", value_parser = parse::prealloc)]
+        prealloc: Vec<(Vec<u8>, u64)>,
         /// Once the first connection is in, how long the main stream and every channel may take to
         /// connect (fractions allowed; 0: no limit). The error names the missing channel ids.
-        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse::timeout)]
         accept_timeout: Timeout,
         /// Fail as stalled when no byte arrives on any connection for this long (0: no limit).
-        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse::timeout)]
         io_timeout: Timeout,
         /// Refuse a block list declaring more RAM than this in total (K/M/G/T suffixes; default:
         /// this machine's physical RAM).
-        #[arg(long, value_name = "BYTES", value_parser = recv::parse_bytes)]
+        #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
         max_ram: Option<u64>,
     },
     /// Decode captured migration streams (one file per connection: main stream or multifd
@@ -82,7 +86,7 @@ enum Command {
     /// rounds (pages dirtied between them), verify byte for byte, and print a summary.
     Demo {
         /// Guest RAM size (K, M, G suffixes).
-        #[arg(long, default_value = "1G", value_parser = multifd_std::demo::parse_size)]
+        #[arg(long, default_value = "1G", value_parser = parse::guest_size)]
         size: u64,
         /// Multifd channels.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
@@ -115,30 +119,22 @@ enum Command {
         #[arg(long, default_value = "none")]
         machine: String,
         /// UUID written in every init packet (all zero by default).
-        #[arg(long)]
-        uuid: Option<String>,
+        #[arg(long, value_parser = parse::uuid)]
+        uuid: Option<[u8; 16]>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
         /// How long each connect may take (fractions allowed).
-        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse::timeout)]
         connect_timeout: Timeout,
         /// Fail as stalled when the destination takes no byte on any connection for this long
         /// (0: no limit).
-        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse::timeout)]
         io_timeout: Timeout,
         /// Most bytes per second on all channels together (K/M/G suffixes; default: no limit).
-        #[arg(long, value_name = "BYTES", value_parser = recv::parse_bytes)]
+        #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
         max_bandwidth: Option<u64>,
     },
-}
-
-/// A timeout in seconds from the command line; `None` for 0 (no limit).
-#[derive(Debug, Clone, Copy)]
-struct Timeout(Option<Duration>);
-
-fn parse_timeout(s: &str) -> Result<Timeout, String> {
-    recv::parse_timeout(s).map(Timeout)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -161,12 +157,15 @@ fn main() -> ExitCode {
     multifd_std::init_logging(level);
     match cli.command {
         None => {
-            log::info!("multifd {} (core {})", env!("CARGO_PKG_VERSION"), multifd_std::multifd_core::VERSION);
-            ExitCode::SUCCESS
+            eprintln!(
+                "multifd {} (core {}): see `multifd --help`",
+                env!("CARGO_PKG_VERSION"),
+                multifd_std::multifd_core::VERSION
+            );
+            ExitCode::from(2)
         }
         Some(Command::Demo { size, channels, rounds, zero_percent, seed, json }) => {
-            let opts = multifd_std::demo::DemoOptions { size, channels, rounds, zero_percent, seed, json };
-            ExitCode::from(multifd_std::demo::run(&opts) as u8)
+            demo(multifd_std::demo::DemoOptions { size, channels, rounds, zero_percent, seed, json })
         }
         Some(Command::Send {
             connect,
@@ -179,15 +178,13 @@ fn main() -> ExitCode {
             io_timeout,
             max_bandwidth,
         }) => {
-            let limits = multifd_std::send::SendLimits {
+            let limits = send::SendLimits {
                 // No limit on a connect is the operating system's own (minutes).
                 connect_timeout: connect_timeout.0.unwrap_or(Duration::from_secs(u32::MAX.into())),
                 io_timeout: io_timeout.0,
                 max_bandwidth: max_bandwidth.filter(|&b| b > 0),
             };
-            let code =
-                multifd_std::send::run_cli(&connect, channels, &images, &machine, uuid.as_deref(), json, &limits);
-            ExitCode::from(code as u8)
+            send_cli(&connect, channels, &images, machine, uuid, json, &limits)
         }
         Some(Command::Recv {
             listen,
@@ -207,7 +204,8 @@ fn main() -> ExitCode {
                 io_timeout: io_timeout.0,
                 max_ram: max_ram.unwrap_or_else(recv::physical_ram),
             };
-            recv::cli_args(listen, channels, out, uuid, page_size, json, port_file, prealloc, limits)
+            let opts = recv::Options { listen, channels, out, uuid, page_size, port_file, prealloc, progress: !json };
+            recv_cli(&opts, &limits, json)
         }
         Some(Command::Inspect { files, json, page_size, layout }) => {
             let layout = match layout {
@@ -224,6 +222,99 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Prints `value` as one line of JSON.
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("multifd: JSON output failed: {e}"),
+    }
+}
+
+fn recv_cli(opts: &recv::Options, limits: &recv::Limits, json: bool) -> ExitCode {
+    let outcome = recv::run_with(opts, limits);
+    if json {
+        print_json(&recv::summary(&outcome));
+    }
+    match &outcome {
+        Ok(r) => {
+            let pages: u64 = r.blocks.iter().map(|b| b.pages).sum();
+            eprintln!(
+                "multifd recv: completed: {} blocks, {pages} pages, {} bytes in {:.3} s, {} epochs",
+                r.blocks.len(),
+                r.bytes,
+                r.seconds,
+                r.sync_epochs
+            );
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("multifd recv: failed: {}", f.error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn send_cli(
+    connect: &str,
+    channels: u8,
+    images: &[String],
+    machine: String,
+    uuid: Option<[u8; 16]>,
+    json: bool,
+    limits: &send::SendLimits,
+) -> ExitCode {
+    let addr = match connect.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            eprintln!("multifd send: --connect {connect:?} is not an address (HOST:PORT)");
+            return ExitCode::from(2);
+        }
+    };
+    let fail = |e: send::SendFailure| {
+        if json {
+            print_json(&send::SendJson::failed(&e, channels));
+        }
+        eprintln!("multifd send: {e}");
+        ExitCode::from(if matches!(e, send::SendFailure::Interrupted) { 130 } else { 1 })
+    };
+    let blocks = match send::ImageSet::load(images) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    let cancel = send::cancel_on_sigint();
+    let opts = send::SendOptions { connect: addr, channels, uuid: uuid.unwrap_or([0; 16]), machine, page_size: 4096 };
+    let mut embedder = send::StaticPrecopy::new(&blocks, opts.page_size);
+    send::announce_start();
+    match send::migrate_with(&opts, limits, &blocks, &mut embedder, cancel) {
+        Ok(report) if json => {
+            print_json(&send::SendJson::completed(&report, opts.page_size));
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", send::format_report(&report, opts.page_size));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn demo(opts: multifd_std::demo::DemoOptions) -> ExitCode {
+    match multifd_std::demo::run(&opts) {
+        Ok(report) if opts.json => {
+            print_json(&report.json());
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", report.text());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("multifd demo: {e}");
+            ExitCode::FAILURE
         }
     }
 }

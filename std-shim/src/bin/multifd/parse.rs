@@ -1,0 +1,111 @@
+//! Parsers for the command line's values: each checks its range and says what was wrong in one line.
+
+use std::time::Duration;
+
+/// Parses a uuid: 32 hex digits, dashes anywhere ignored.
+pub(crate) fn uuid(s: &str) -> Result<[u8; 16], String> {
+    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 {
+        return Err(format!("uuid {s:?}: {} hex digits, 32 expected", hex.len()));
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let txt = std::str::from_utf8(pair).map_err(|_| format!("uuid {s:?}: not hex"))?;
+        out[i] = u8::from_str_radix(txt, 16).map_err(|_| format!("uuid {s:?}: {txt:?} is not hex"))?;
+    }
+    Ok(out)
+}
+
+/// Parses a byte count: digits with an optional K/M/G/T suffix (powers of 1024; `B`/`iB` allowed).
+pub(crate) fn bytes(size: &str) -> Result<u64, String> {
+    let t = size.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match t.as_bytes().last() {
+        Some(b'K' | b'k') => (&t[..t.len() - 1], 10),
+        Some(b'M' | b'm') => (&t[..t.len() - 1], 20),
+        Some(b'G' | b'g') => (&t[..t.len() - 1], 30),
+        Some(b'T' | b't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("size {size:?}: not a number with an optional K/M/G/T suffix"))?;
+    n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("size {size:?} overflows 64 bits"))
+}
+
+/// A guest size for `demo`: [`bytes`], a positive multiple of 4096.
+pub(crate) fn guest_size(s: &str) -> Result<u64, String> {
+    let b = bytes(s)?;
+    if b == 0 || !b.is_multiple_of(4096) {
+        return Err(format!("size {s:?}: {b} bytes is not a positive multiple of 4096"));
+    }
+    Ok(b)
+}
+
+/// Parses `NAME:SIZE` (SIZE as [`bytes`]).
+pub(crate) fn prealloc(s: &str) -> Result<(Vec<u8>, u64), String> {
+    let (name, size) = s.rsplit_once(':').ok_or_else(|| format!("--prealloc {s:?}: expected NAME:SIZE"))?;
+    if name.is_empty() {
+        return Err(format!("--prealloc {s:?}: empty block name"));
+    }
+    let b = bytes(size).map_err(|e| format!("--prealloc {s:?}: {e}"))?;
+    if b == 0 {
+        return Err(format!("--prealloc {s:?}: size is zero"));
+    }
+    Ok((name.as_bytes().to_vec(), b))
+}
+
+/// Longest timeout accepted: a year. Longer ones are almost certainly typos, and every duration
+/// below it is safe to add to an `Instant`.
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// A timeout in seconds from the command line; `None` for 0 (no limit).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeout(pub(crate) Option<Duration>);
+
+/// Parses a timeout in seconds (fractions allowed): 0 means no limit; at most a year.
+pub(crate) fn timeout(s: &str) -> Result<Timeout, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?}: a timeout is 0 (no limit) or a positive number of seconds"));
+    }
+    if v > MAX_TIMEOUT_SECS {
+        return Err(format!("{s:?}: a timeout is at most {MAX_TIMEOUT_SECS} seconds (a year); 0 means no limit"));
+    }
+    let d = Duration::try_from_secs_f64(v).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok(Timeout((!d.is_zero()).then_some(d)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_powers_of_1024_and_overflow_is_refused() {
+        assert_eq!(bytes("4K"), Ok(4096));
+        assert_eq!(bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(bytes("2T"), Ok(2 << 40));
+        assert!(bytes("17179869184G").unwrap_err().contains("overflows"), "2^64 bytes");
+        bytes("1.5G").unwrap_err();
+        guest_size("1000").unwrap_err();
+        guest_size("0").unwrap_err();
+        assert_eq!(prealloc("pc.ram:1G"), Ok((b"pc.ram".to_vec(), 1 << 30)));
+        for bad in [":1G", "m0:0", "m0"] {
+            prealloc(bad).unwrap_err();
+        }
+    }
+
+    #[test]
+    fn timeouts_are_range_checked_without_panicking() {
+        assert!(timeout("0").unwrap().0.is_none());
+        assert_eq!(timeout("1.5").unwrap().0, Some(Duration::from_millis(1500)));
+        for bad in ["1e19", "1e20", "inf", "NaN", "-1", "x", "31536001"] {
+            let e = timeout(bad).map(|t| t.0).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uuids_take_32_hex_digits() {
+        assert_eq!(uuid("00112233-4455-6677-8899-aabbccddeeff").unwrap()[15], 0xff);
+        uuid("0011").unwrap_err();
+        uuid(&"g".repeat(32)).unwrap_err();
+    }
+}
