@@ -233,7 +233,7 @@ fn inspect_file(path: &Path, geometry: Geometry, opts: Options, out: &mut String
             }
         }
         ChannelKind::Main => {
-            let mut p = StreamParser::new(StreamConfig { page_size: geometry.page_size() });
+            let mut p = StreamParser::new(StreamConfig::new(geometry));
             if opts.json {
                 let _ = write!(out, "{{\"file\":{name},\"kind\":\"main\",\"records\":[");
             } else {

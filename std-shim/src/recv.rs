@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
-use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, PageSize, ZeroPagePolicy};
+use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
 use multifd_core::lifecycle::{ChannelId, Coordinator, MAX_CHANNELS};
 use multifd_core::recv::{
     ChannelStats, EpochBarrier, MainAction, MainRecv, PageRange, RecvChannel, RecvError, SyncMode, Want,
@@ -768,8 +768,6 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant)
     }
     let geometry =
         Geometry::new(opts.page_size).map_err(|error| Failure::Handshake { place: Place::Listener, error })?;
-    let page_size = PageSize::new(opts.page_size)
-        .map_err(|e| Failure::BlockList { place: Place::Listener, reason: e.to_string() })?;
     fs::create_dir_all(&opts.out).map_err(|error| Failure::Io {
         place: Place::Output(opts.out.clone()),
         doing: "creating",
@@ -816,7 +814,7 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant)
         buf: vec![0u8; 256 * 1024],
         start: 0,
         end: 0,
-        parser: StreamParser::new(StreamConfig { page_size: opts.page_size }),
+        parser: StreamParser::new(StreamConfig::new(geometry)),
         bytes: &total_bytes,
         io_timeout: limits.io_timeout,
     };
@@ -910,7 +908,7 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report, start: Instant)
         .collect();
     let mut table: Table<'_> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
     for (i, (name, size)) in declared.iter().enumerate() {
-        let spec = BlockSpec { name, used_len: *size, page_size, memory_zeroed: true };
+        let spec = BlockSpec { name, used_len: *size, page_size: geometry, memory_zeroed: true };
         table.add(&spec, &memories[i], &bitmaps[i]).map_err(|e| Failure::BlockList {
             place: Place::Block(String::from_utf8_lossy(name).into_owned()),
             reason: e.to_string(),
