@@ -2,6 +2,9 @@
 //! migration from an in-memory transport (its bytes made by the send engine, see `common`). The
 //! core's `RecvSession` decides everything; this file only moves bytes and runs threads.
 //! Run: `cargo run -p multifd-core --example embed_recv`.
+// Receive errors carry whole block names (see `BlockName`), so results holding them are large.
+#![allow(clippy::result_large_err)]
+
 mod common;
 
 use std::sync::Mutex;
@@ -9,7 +12,7 @@ use std::thread;
 
 use common::{CHANNELS, Threads, Yield, geometry, image, send_inline};
 use multifd_core::bitmap::{AtomicWord, words_for};
-use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, PageSize, ZeroPagePolicy};
+use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
 use multifd_core::lifecycle::ChannelId;
 use multifd_core::recv::{Identity, MainState, MainStream, RecvError, RecvSession, SessionConfig};
 use multifd_core::wire::PacketConfig;
@@ -75,7 +78,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let words: Vec<AtomicWord> = (0..words_for(ram.len() / 4096)).map(|_| AtomicWord::new(0)).collect();
     let mut table: Table<'_> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
     let (name, used_len) = (d.name.as_bytes(), d.used_length);
-    table.add(&BlockSpec { name, used_len, page_size: PageSize::DEFAULT, memory_zeroed: true }, &ram, &words)?;
+    table.add(
+        &BlockSpec { name, used_len, page_size: multifd_core::wire::Geometry::DEFAULT, memory_zeroed: true },
+        &ram,
+        &words,
+    )?;
     main.start(&table)?;
     let work = |id: ChannelId| {
         if let Err(e) = channel(&s, id, chans[id.index()], &table) {

@@ -27,7 +27,8 @@
 //!
 //! ```
 //! use multifd_core::bitmap::{AtomicWord, PageIndex, words_for};
-//! use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, PageSize, ZeroPage, ZeroPagePolicy};
+//! use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, ZeroPage, ZeroPagePolicy};
+//! use multifd_core::wire::Geometry;
 //!
 //! const PAGES: usize = 16;
 //! let memory: Vec<AtomicU8> = (0..PAGES * 4096).map(|_| AtomicU8::new(0)).collect();
@@ -35,7 +36,7 @@
 //! let words: [AtomicWord; words_for(PAGES)] = [const { AtomicWord::new(0) }; words_for(PAGES)];
 //!
 //! let mut table: BlockTable<'_, AtomicRegion<'_>, 4> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
-//! let spec = BlockSpec { name: b"pc.ram", used_len: (PAGES * 4096) as u64, page_size: PageSize::DEFAULT, memory_zeroed: true };
+//! let spec = BlockSpec { name: b"pc.ram", used_len: (PAGES * 4096) as u64, page_size: Geometry::DEFAULT, memory_zeroed: true };
 //! let id = table.add(&spec, &region, &words)?;
 //! let (found, block) = table.find(b"pc.ram").expect("just added");
 //! assert_eq!(found, id);
@@ -51,6 +52,8 @@ use core::fmt;
 
 use crate::bitmap::{AtomicWord, BitmapError, PageIndex, ReceivedBitmap};
 use crate::sync::Ordering;
+use crate::wire::Geometry;
+use crate::wire::packet::NAME_FIELD_LEN;
 
 #[allow(unsafe_code)]
 mod slot;
@@ -146,50 +149,31 @@ impl GuestMemory for AtomicRegion<'_> {
     }
 }
 
-/// A block's target page size: a power of two from 1 KiB to 64 KiB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct PageSize(u32);
-
-impl PageSize {
-    /// 4 KiB, the page size of x86, most Arm and RISC-V guests.
-    pub const DEFAULT: Self = Self(4096);
-    /// Smallest accepted page size.
-    pub const MIN: u32 = 1024;
-    /// Largest accepted page size.
-    pub const MAX: u32 = 64 * 1024;
-
-    /// `bytes` if it is a power of two in `MIN..=MAX`.
-    pub const fn new(bytes: u32) -> Result<Self, BlockError> {
-        if bytes.is_power_of_two() && bytes >= Self::MIN && bytes <= Self::MAX {
-            Ok(Self(bytes))
-        } else {
-            Err(BlockError::BadPageSize { bytes })
-        }
-    }
-
-    /// Bytes per page.
-    pub const fn bytes(self) -> usize {
-        self.0 as usize
-    }
-
-    /// log2 of the page size.
-    pub const fn shift(self) -> u32 {
-        self.0.trailing_zeros()
-    }
-}
-
-impl Default for PageSize {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
-/// Longest block name: QEMU's `idstr` is 256 bytes including its terminating NUL.
-pub const MAX_NAME_LEN: usize = 255;
+/// Longest block name: QEMU's `idstr` is a 256-byte field including its terminating NUL.
+pub const MAX_NAME_LEN: usize = NAME_FIELD_LEN - 1;
 
 /// A RAM block's name (QEMU `idstr`): 1 to 255 bytes, no NUL. Stored inline.
-#[derive(Clone, Copy, PartialEq, Eq)]
+///
+/// The crate's one name type: blocks in a [`BlockTable`] have one, and every error that names a
+/// block carries one ([`DecodeError::UnknownBlock`](crate::wire::DecodeError::UnknownBlock),
+/// [`RecvError`](crate::recv::RecvError)'s `Block`, `MainUnknownBlock` and `MainBlock`), so a
+/// message shows the whole name, exactly as the peer sent it, and a caller can compare it with
+/// [`BlockTable::find`]'s names without a second type.
+///
+/// # Size
+///
+/// It is 256 bytes, which makes those errors larger than the earlier 32-byte prefix did: on a
+/// 64-bit host `DecodeError` is 264 bytes (about 40 before) and `RecvError` 304 (about 80). We accept that: an error is built once, on the failure path, and ends its
+/// channel; on the success path a `Result<_, RecvError>` moves only its `Ok` value and
+/// discriminant, so the hot path does not pay for the size. What it costs is stack in the frames
+/// that hold a `Result` (a few hundred bytes each, fine on the 4 MiB firmware board), and the
+/// unit tests pin `size_of` so growth is seen. A peer name that is not a valid block name (empty,
+/// or a main-stream name with a NUL) can match no block; it is reported by its own error
+/// ([`DecodeError::EmptyBlockName`](crate::wire::DecodeError::EmptyBlockName),
+/// [`RecvError::MainBadBlockName`](crate::recv::RecvError::MainBadBlockName)).
+///
+/// `Display` and `Debug` print it quoted, bytes outside printable ASCII escaped (`\xNN`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockName {
     len: u8,
     bytes: [u8; MAX_NAME_LEN],
@@ -219,14 +203,27 @@ impl BlockName {
     pub fn as_str(&self) -> Option<&str> {
         core::str::from_utf8(self.as_bytes()).ok()
     }
+
+    /// Length in bytes (1 to 255).
+    #[allow(clippy::len_without_is_empty)] // never empty
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+}
+
+impl fmt::Display for BlockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for &b in self.as_bytes() {
+            write!(f, "{}", core::ascii::escape_default(b))?;
+        }
+        f.write_str("\"")
+    }
 }
 
 impl fmt::Debug for BlockName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.as_str() {
-            Some(s) => write!(f, "{:?}", s),
-            None => write!(f, "{:?}", self.as_bytes()),
-        }
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -268,7 +265,7 @@ pub struct BlockSpec<'n> {
     /// Bytes in use (QEMU `used_length`): a multiple of the page size, at most the mapped length.
     pub used_len: u64,
     /// Target page size.
-    pub page_size: PageSize,
+    pub page_size: Geometry,
     /// Whether the destination memory of the whole block reads as zero before the migration (a fresh
     /// anonymous mapping, or RAM cleared at boot). Only then may first-time zero pages be skipped.
     /// Declare `false` for memory with prior content (firmware images, file-backed memory).
@@ -295,11 +292,6 @@ impl BlockId {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
 pub enum BlockError {
-    /// Page size not a power of two in 1 KiB..=64 KiB.
-    BadPageSize {
-        /// The size given.
-        bytes: u32,
-    },
     /// Block name empty or longer than 255 bytes.
     BadNameLength {
         /// The length given.
@@ -365,9 +357,6 @@ impl From<BitmapError> for BlockError {
 impl fmt::Display for BlockError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::BadPageSize { bytes } => {
-                write!(f, "page size {} is not a power of two from 1024 to 65536", bytes)
-            }
             Self::BadNameLength { len } => write!(f, "block name is {} bytes; it must be 1 to 255", len),
             Self::NulInName { at } => write!(f, "block name has a NUL byte at {}", at),
             Self::BadUsedLength { used_len, page_size } => {
@@ -405,7 +394,7 @@ impl core::error::Error for BlockError {
 pub struct RamBlock<'a, M: ?Sized> {
     name: BlockName,
     used_len: usize,
-    page_size: PageSize,
+    page_size: Geometry,
     memory_zeroed: bool,
     policy: ZeroPagePolicy,
     memory: &'a M,
@@ -435,8 +424,8 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
     ) -> Result<Self, BlockError> {
         let name = BlockName::new(spec.name)?;
         let page_size = spec.page_size;
-        let bad_len = BlockError::BadUsedLength { used_len: spec.used_len, page_size: page_size.0 };
-        if spec.used_len == 0 || !spec.used_len.is_multiple_of(u64::from(page_size.0)) {
+        let bad_len = BlockError::BadUsedLength { used_len: spec.used_len, page_size: page_size.page_size() };
+        if spec.used_len == 0 || !spec.used_len.is_multiple_of(u64::from(page_size.page_size())) {
             return Err(bad_len);
         }
         let mapped = memory.len();
@@ -445,7 +434,13 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
             _ => return Err(BlockError::MemoryTooSmall { used_len: spec.used_len, mapped }),
         };
         let bitmap = ReceivedBitmap::new(words, used_len >> page_size.shift())?;
-        debug!("block {:?}: {} pages of {} bytes, zeroed {}", name, bitmap.pages(), page_size.0, spec.memory_zeroed);
+        debug!(
+            "block {:?}: {} pages of {} bytes, zeroed {}",
+            name,
+            bitmap.pages(),
+            page_size.page_size(),
+            spec.memory_zeroed
+        );
         Ok(Self { name, used_len, page_size, memory_zeroed: spec.memory_zeroed, policy, memory, bitmap })
     }
 
@@ -460,7 +455,7 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
     }
 
     /// The block's page size.
-    pub fn page_size(&self) -> PageSize {
+    pub fn page_size(&self) -> Geometry {
         self.page_size
     }
 
@@ -487,7 +482,7 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
     /// The page starting at byte `offset` (from the wire): page aligned and wholly inside the used
     /// length, else a typed error.
     pub fn page_at(&self, offset: u64) -> Result<PageIndex, BlockError> {
-        let page_size = self.page_size.0;
+        let page_size = self.page_size.page_size();
         if !offset.is_multiple_of(u64::from(page_size)) {
             return Err(BlockError::UnalignedOffset { offset, page_size });
         }
@@ -509,7 +504,7 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
     pub fn write_page(&self, page: PageIndex, data: &[u8]) -> Result<(), BlockError> {
         let offset = self.offset_of(page)?;
         if data.len() != self.page_size.bytes() {
-            return Err(BlockError::BadDataLength { len: data.len(), page_size: self.page_size.0 });
+            return Err(BlockError::BadDataLength { len: data.len(), page_size: self.page_size.page_size() });
         }
         self.memory.write(offset, data);
         self.bitmap.set(page)?;
@@ -550,7 +545,7 @@ impl<'a, M: GuestMemory + ?Sized> RamBlock<'a, M> {
     pub fn read_page(&self, page: PageIndex, out: &mut [u8]) -> Result<(), BlockError> {
         let offset = self.offset_of(page)?;
         if out.len() != self.page_size.bytes() {
-            return Err(BlockError::BadDataLength { len: out.len(), page_size: self.page_size.0 });
+            return Err(BlockError::BadDataLength { len: out.len(), page_size: self.page_size.page_size() });
         }
         self.memory.read(offset, out);
         Ok(())
@@ -698,7 +693,7 @@ mod tests {
         BlockSpec {
             name: b"ram0",
             used_len: (pages * PS) as u64,
-            page_size: PageSize::new(PS as u32).unwrap(),
+            page_size: Geometry::new(PS as u32).unwrap(),
             memory_zeroed: zeroed,
         }
     }
@@ -800,11 +795,11 @@ mod tests {
     #[test]
     fn block_and_table_validation_errors_are_typed() {
         let (mem, w) = (Unbacked(8 * PS), words(8));
-        assert_eq!(PageSize::new(4096), Ok(PageSize::DEFAULT));
+        assert_eq!(Geometry::new(4096), Ok(Geometry::DEFAULT));
         for bad in [0, 512, 3000, 128 * 1024] {
-            assert_eq!(PageSize::new(bad), Err(BlockError::BadPageSize { bytes: bad }));
+            assert_eq!(Geometry::new(bad), Err(crate::wire::DecodeError::BadPageSize { page_size: bad }));
         }
-        assert_eq!(PageSize::new(1024).map(PageSize::shift), Ok(10));
+        assert_eq!(Geometry::new(1024).map(Geometry::shift), Ok(10));
         assert_eq!(BlockName::new(b"").unwrap_err(), BlockError::BadNameLength { len: 0 });
         assert_eq!(BlockName::new(&[b'a'; 256]).unwrap_err(), BlockError::BadNameLength { len: 256 });
         assert_eq!(BlockName::new(b"a\0b").unwrap_err(), BlockError::NulInName { at: 1 });

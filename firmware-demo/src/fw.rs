@@ -6,7 +6,7 @@ use cortex_m_rt::entry;
 use defmt_semihosting as _; // the global defmt logger: frames go out over semihosting stdout
 use multifd_core::bitmap::{AtomicWord, PageIndex, words_for};
 use multifd_core::block::{
-    AtomicRegion, AtomicU8, BlockSpec, GuestMemory, PageSize, ReleaseError, TableSlot, ZeroPage, ZeroPagePolicy,
+    AtomicRegion, AtomicU8, BlockSpec, GuestMemory, ReleaseError, TableSlot, ZeroPage, ZeroPagePolicy,
 };
 use multifd_core::lifecycle::{
     ChannelId, ChannelState, CleanupReport, Coordinator, CreateReport, Platform, Wake, WorkerExit,
@@ -202,7 +202,7 @@ fn page_is(region: &AtomicRegion<'_>, page: usize, byte: u8) -> bool {
 
 fn scenario_blocks(c: &mut Checks) {
     let installed = TABLE.install(BLOCKS_COORD.id(), ZeroPagePolicy::SkipUntouched, |table| {
-        let size = PageSize::DEFAULT;
+        let size = multifd_core::wire::Geometry::DEFAULT;
         let a = BlockSpec { name: b"pc.ram", used_len: (PAGES_A * PAGE) as u64, page_size: size, memory_zeroed: true };
         let b =
             BlockSpec { name: b"vga.vram", used_len: (PAGES_B * PAGE) as u64, page_size: size, memory_zeroed: true };
@@ -280,9 +280,9 @@ fn scenario_migration(c: &mut Checks) {
 /// Logs the RAM the core's engine state takes, for BENCHMARKS.md (4 channels, 4 blocks).
 fn log_state_sizes() {
     use core::mem::size_of;
-    use multifd_core::recv::{EpochBarrier, MAX_HEADER_LEN, MainRecv, RecvChannel};
-    use multifd_core::send::{MAX_PAGE_COUNT, SendEngine};
-    use multifd_core::wire::StreamParser;
+    use multifd_core::recv::{EpochBarrier, MainRecv, RecvChannel};
+    use multifd_core::send::SendEngine;
+    use multifd_core::wire::{MAX_HEADER_LEN, MAX_PAGE_COUNT, StreamParser};
     type Send4 = SendEngine<'static, crate::migration::Source, ChannelId, FwError, 4>;
     type Coord4 = Coordinator<ChannelId, FwError, 4>;
     type Table4 = TableSlot<'static, AtomicRegion<'static>, 4>;

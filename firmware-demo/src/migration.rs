@@ -12,9 +12,7 @@ use core::cell::UnsafeCell;
 
 use heapless::Deque;
 use multifd_core::bitmap::{AtomicWord, words_for};
-use multifd_core::block::{
-    AtomicRegion, AtomicU8, BlockSpec, BlockTable, GuestMemory, PageSize, TableSlot, ZeroPagePolicy,
-};
+use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, GuestMemory, TableSlot, ZeroPagePolicy};
 use multifd_core::lifecycle::{ChannelId, Coordinator, CoordinatorId, Platform, Wake, WorkerExit};
 use multifd_core::lock::SpinLock;
 use multifd_core::recv::{EpochBarrier, MainAction, MainRecv, RecvChannel, RecvError, SyncMode};
@@ -164,7 +162,7 @@ pub(crate) fn install_dest(regions: &'static [AtomicRegion<'static>; 2], owner: 
                 let spec = BlockSpec {
                     name: NAMES[block],
                     used_len: (PAGES[block] * PAGE) as u64,
-                    page_size: PageSize::DEFAULT,
+                    page_size: geometry(),
                     memory_zeroed: true,
                 };
                 let words: &'static [AtomicWord] = if block == 0 { &WORDS_A } else { &WORDS_B };
@@ -271,7 +269,7 @@ impl Dest {
             chans: [incoming(corrupt), incoming(None)],
             ids: ChannelSet::new(),
             main_ring: Deque::new(),
-            parser: StreamParser::new(StreamConfig { page_size: PAGE as u32 }),
+            parser: StreamParser::new(StreamConfig::new(geometry())),
             main: MainRecv::new(SyncMode::Auto),
             main_waiting: false,
             barrier: EpochBarrier::new(CHANNELS),

@@ -18,13 +18,15 @@
 //! Stream 0 is the main stream; streams 1..=N are the multifd connections in connection order (the
 //! channel id comes from each one's init packet, as in the real receiver).
 #![allow(dead_code, unreachable_pub)]
+// `RecvError` carries whole block names (see `multifd_core::block::BlockName`), so its results are large.
+#![allow(clippy::result_large_err)]
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
-use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, PageSize, ZeroPagePolicy};
+use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
 use multifd_core::lifecycle::ChannelId;
 use multifd_core::recv::{
     EpochBarrier, EpochError, MainAction, MainRecv, PageRange, RecvChannel, RecvError, SyncMode, Want,
@@ -248,12 +250,7 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
         setup.blocks.iter().map(|(_, p)| (0..words_for(*p)).map(|_| AtomicWord::new(0)).collect()).collect();
     let mut table: Table<'_> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
     for (i, (name, pages)) in setup.blocks.iter().enumerate() {
-        let spec = BlockSpec {
-            name,
-            used_len: (pages * ps) as u64,
-            page_size: PageSize::new(setup.page_size).expect("harness page size"),
-            memory_zeroed: true,
-        };
+        let spec = BlockSpec { name, used_len: (pages * ps) as u64, page_size: geometry, memory_zeroed: true };
         table.add(&spec, &views[i], &words[i]).expect("harness block table");
     }
 
@@ -264,7 +261,7 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
         barrier: EpochBarrier::new(setup.channels),
         seen: ChannelSet::new(),
         main: Main {
-            parser: StreamParser::new(StreamConfig { page_size: setup.page_size }),
+            parser: StreamParser::new(StreamConfig::new(geometry)),
             recv: MainRecv::new(SyncMode::Auto),
             queue: VecDeque::new(),
             eof: false,

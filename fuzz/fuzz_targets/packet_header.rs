@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(h.pages_alloc <= geo.page_count());
             assert!(u64::from(h.normal_pages) + u64::from(h.zero_pages) <= u64::from(h.pages_alloc));
             let used = u64::from(sel) << 16;
-            let lookup = |_: &[u8]| Some(BlockInfo { used_length: used, page_size });
+            let lookup = |_: &[u8]| Some(BlockInfo { used_length: used, page_size: geo });
             if let Ok(Some(info)) = p.check_pages(&lookup) {
                 for off in p.normal_offsets().chain(p.zero_offsets()) {
                     assert!(off % u64::from(page_size) == 0 && off + u64::from(page_size) <= info.used_length);

@@ -266,7 +266,7 @@ fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<Dem
     });
     let recv = match (received, sent) {
         (Err(_), _) => return Err(DemoError::ReceiverPanicked),
-        (Ok(Err(failed)), sent) => return Err(DemoError::Receiver(Box::new(failed), sent.err().flatten())),
+        (Ok(Err(failed)), sent) => return Err(DemoError::Receiver(failed, sent.err().flatten())),
         (Ok(Ok(_)), Err(None)) => return Err(DemoError::NoPort),
         (Ok(Ok(_)), Err(Some(e))) => return Err(DemoError::Sender(e)),
         (Ok(Ok(recv)), Ok(send)) => (recv, send),

@@ -418,7 +418,7 @@ fn main_file(path: &Path, f: &mut Reader, magic: [u8; 4], geometry: Geometry) ->
     let io_err = |source| InspectError::Io { path: path.to_path_buf(), source };
     let invalid =
         |offset: u64, e| InspectError::Invalid { path: path.to_path_buf(), offset, error: Invalid::Stream(e) };
-    let mut p = StreamParser::new(StreamConfig { page_size: geometry.page_size() });
+    let mut p = StreamParser::new(StreamConfig::new(geometry));
     let (mut records, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
     buf[..4].copy_from_slice(&magic);
     let mut fill = 4;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
-use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, PageSize, ZeroPagePolicy};
+use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
 use multifd_core::lifecycle::{AllJoined, ChannelId, MAX_CHANNELS};
 use multifd_core::recv::{
     BlockListError, MainState, MainStream, PageRange, RecvChannel, RecvError, RecvSession, SessionConfig, Want,
@@ -119,7 +119,7 @@ pub fn run_with(opts: &Options, limits: &Limits) -> Outcome {
     report.seconds = start.elapsed().as_secs_f64();
     match result {
         Ok(()) => Ok(report),
-        Err(error) => Err(Failed { error, report: Box::new(report) }),
+        Err(error) => Err(Box::new(Failed { error, report })),
     }
 }
 
@@ -141,7 +141,7 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report) -> Result<(), F
         return Err(Failure::Option { option: "--channels", value: n.into() });
     }
     let page_option = Failure::Option { option: "--page-size", value: opts.page_size.into() };
-    let (Ok(geometry), Ok(page_size)) = (Geometry::new(opts.page_size), PageSize::new(opts.page_size)) else {
+    let Ok(geometry) = Geometry::new(opts.page_size) else {
         return Err(page_option);
     };
     let packet = PacketConfig::new(geometry);
@@ -164,13 +164,15 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report) -> Result<(), F
     let memories = map_blocks(&main, &mut pre, &session)?;
     let bitmaps: Vec<Vec<AtomicWord>> = memories
         .iter()
-        .map(|m| (0..words_for(m.len() / page_size.bytes())).map(|_| AtomicWord::new(0)).collect())
+        .map(|m| (0..words_for(m.len() / geometry.bytes())).map(|_| AtomicWord::new(0)).collect())
         .collect();
     let mut table: Table<'_> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
     for (d, (mem, words)) in main.declared().zip(memories.iter().zip(&bitmaps)) {
-        let spec = BlockSpec { name: d.name.as_bytes(), used_len: d.used_length, page_size, memory_zeroed: true };
+        let spec =
+            BlockSpec { name: d.name.as_bytes(), used_len: d.used_length, page_size: geometry, memory_zeroed: true };
         let block = Name(d.name.as_bytes());
-        table.add(&spec, mem, words).map_err(|error| block.failure(error))?;
+        let error = |error| Failure::Recv(RecvError::BlockList(BlockListError::BadBlock { block: d.name, error }));
+        table.add(&spec, mem, words).map_err(error)?;
         report.blocks.push(BlockReport {
             name: block.text(),
             file: opts.out.join(block_file_name(d.name.as_bytes())),
@@ -200,10 +202,6 @@ struct Name<'a>(&'a [u8]);
 impl Name<'_> {
     fn text(&self) -> String {
         String::from_utf8_lossy(self.0).into_owned()
-    }
-    fn failure(&self, error: multifd_core::block::BlockError) -> Failure {
-        let block = multifd_core::wire::Name::new(self.0);
-        Failure::Recv(RecvError::BlockList(BlockListError::BadBlock { block, error }))
     }
 }
 

@@ -598,7 +598,7 @@ impl Worker<'_, '_> {
                 Err(e) => return Err(SendFailure::Engine(e)),
             };
             // On the stack: no heap allocation per packet (tests/tests/no_alloc_steady.rs).
-            let mut slices = [IoSlice::new(&[]); 1 + multifd_core::send::MAX_PAGE_COUNT];
+            let mut slices = [IoSlice::new(&[]); 1 + multifd_core::wire::MAX_PAGE_COUNT];
             slices[0] = IoSlice::new(out.header());
             let mut used = 1;
             debug_assert!(out.pages().len() < slices.len(), "a packet holds at most MAX_PAGE_COUNT pages");

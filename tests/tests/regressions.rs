@@ -592,7 +592,7 @@ fn b17_b18_b22_b23_b30_b34_b35_std_sender_packets_well_formed() {
         assert_eq!(worker_thread_count(), 0);
         let (main, chans, _) = dest.finish();
 
-        let mut parser = StreamParser::new(StreamConfig { page_size: PAGE as u32 });
+        let mut parser = StreamParser::new(StreamConfig::new(geo()));
         let (mut flushes, mut at) = (0u32, 0usize);
         while at < main.len() {
             let (used, ev) = parser.feed(&main[at..]).unwrap();

@@ -4,7 +4,7 @@
 
 mod wire_support;
 
-use multifd_core::wire::{Event, StreamConfig, StreamParser};
+use multifd_core::wire::{Event, Geometry, StreamConfig, StreamParser};
 
 /// A comparable summary of one event.
 fn summarize(ev: &Event<'_>) -> String {
@@ -13,7 +13,7 @@ fn summarize(ev: &Event<'_>) -> String {
 
 /// Parses `chunks` in order; returns the event summaries, or the error with its position.
 fn parse(chunks: &[&[u8]]) -> Result<Vec<String>, String> {
-    let mut p = StreamParser::new(StreamConfig { page_size: 4096 });
+    let mut p = StreamParser::new(StreamConfig::new(Geometry::DEFAULT));
     let mut out = Vec::new();
     for chunk in chunks {
         let mut rest = *chunk;

@@ -80,7 +80,7 @@ fn parse_channel(bytes: &[u8], cfg: &PacketConfig, ram: &mut [u8], seen: &mut [b
     assert_eq!(identify_channel(bytes[..4].try_into().unwrap()), Ok(ChannelKind::Multifd));
     let init = InitPacket::decode(bytes).expect("init packet");
     assert_eq!(init.uuid, [0; 16]);
-    let block = BlockInfo { used_length: ram.len() as u64, page_size: PAGE as u32 };
+    let block = BlockInfo { used_length: ram.len() as u64, page_size: Geometry::new(PAGE as u32).unwrap() };
     let lookup = |n: &[u8]| (n == b"m0").then_some(block);
     let mut s = ChannelSummary::default();
     let mut at = 64;

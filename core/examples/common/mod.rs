@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::thread::{self, Scope, ScopedJoinHandle};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
-use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, PageSize, ZeroPagePolicy};
+use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, ZeroPagePolicy};
 use multifd_core::lifecycle::{ChannelId, Platform, Wake, WorkerExit};
 use multifd_core::recv::{Identity, MainStream, RecvError, RecvSession, SessionConfig, Totals};
 use multifd_core::send::{MainSink, Notify, Precopy, RoundStats, SendChannel, SendEngine, SourceBlocks, Step, precopy};
@@ -222,8 +222,12 @@ pub(crate) fn receive_inline(conns: &[Vec<u8>], dest: &[AtomicU8]) -> Result<Tot
     let (region, words): (_, Vec<AtomicWord>) =
         (AtomicRegion::new(dest), (0..words_for(PAGES)).map(|_| AtomicWord::new(0)).collect());
     let mut table: BlockTable<'_, _, 1> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
-    let spec =
-        BlockSpec { name: BLOCK, used_len: dest.len() as u64, page_size: PageSize::DEFAULT, memory_zeroed: true };
+    let spec = BlockSpec {
+        name: BLOCK,
+        used_len: dest.len() as u64,
+        page_size: multifd_core::wire::Geometry::DEFAULT,
+        memory_zeroed: true,
+    };
     table.add(&spec, &region, &words).expect("one block");
     let mut main: MainStream<1> = MainStream::new(&s);
     let mut chans = Vec::new();

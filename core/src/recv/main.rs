@@ -1,7 +1,6 @@
 //! Applying the main stream's RAM records to the block table.
 
-use crate::block::{BlockTable, GuestMemory};
-use crate::wire::Name;
+use crate::block::{BlockName, BlockTable, GuestMemory, RamBlock};
 use crate::wire::stream::Event;
 
 use super::RecvError;
@@ -83,16 +82,16 @@ impl MainRecv {
     ) -> Result<MainAction, RecvError> {
         match *ev {
             Event::ZeroPage { block, offset } => {
-                let (_, b) = table.find(block).ok_or(RecvError::MainUnknownBlock { block: Name::new(block) })?;
-                let err = |error| RecvError::MainBlock { block: Name::new(block), offset, error };
+                let b = find(table, block)?;
+                let err = |error| RecvError::MainBlock { block: *b.name(), offset, error };
                 let page = b.page_at(offset).map_err(err)?;
                 b.zero_page(page).map_err(err)?;
                 self.stats.zero_pages += 1;
                 Ok(MainAction::Continue)
             }
             Event::PageData { block, offset, at, data } => {
-                let (_, b) = table.find(block).ok_or(RecvError::MainUnknownBlock { block: Name::new(block) })?;
-                let err = |error| RecvError::MainBlock { block: Name::new(block), offset, error };
+                let b = find(table, block)?;
+                let err = |error| RecvError::MainBlock { block: *b.name(), offset, error };
                 let page = b.page_at(offset).map_err(err)?;
                 let start = b.byte_offset(page).map_err(err)?;
                 let page_size = b.page_size().bytes();
@@ -140,5 +139,20 @@ impl MainRecv {
         } else {
             MainAction::Continue
         }
+    }
+}
+
+/// The block a main-stream record names: a typed error if no block has that name, or if the name
+/// cannot be a block name at all.
+fn find<'t, 'a, M: GuestMemory + ?Sized, const N: usize>(
+    table: &'t BlockTable<'a, M, N>,
+    name: &[u8],
+) -> Result<&'t RamBlock<'a, M>, RecvError> {
+    match table.find(name) {
+        Some((_, b)) => Ok(b),
+        None => Err(match BlockName::new(name) {
+            Ok(block) => RecvError::MainUnknownBlock { block },
+            Err(error) => RecvError::MainBadBlockName { error },
+        }),
     }
 }

@@ -19,7 +19,7 @@
 //!
 //! ```
 //! use multifd_core::bitmap::{AtomicWord, PageIndex, words_for};
-//! use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, PageSize, ZeroPagePolicy};
+//! use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, ZeroPagePolicy};
 //! use multifd_core::lifecycle::ChannelId;
 //! use multifd_core::recv::{RecvChannel, Want};
 //! use multifd_core::wire::{Flags, Geometry, Layout, PacketConfig, RamHeader};
@@ -29,7 +29,7 @@
 //! let region = AtomicRegion::new(&mem);
 //! let words: [AtomicWord; 1] = [const { AtomicWord::new(0) }; words_for(4)];
 //! let mut table: BlockTable<'_, AtomicRegion<'_>, 2> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
-//! table.add(&BlockSpec { name: b"m0", used_len: 4 * 4096, page_size: PageSize::DEFAULT, memory_zeroed: true }, &region, &words)?;
+//! table.add(&BlockSpec { name: b"m0", used_len: 4 * 4096, page_size: geo, memory_zeroed: true }, &region, &words)?;
 //!
 //! // One packet: page 2 as data, page 3 as a zero page, with the SYNC flag.
 //! let mut wire = vec![0u8; geo.header_len()];
@@ -62,13 +62,12 @@ pub use session::{
 use core::fmt;
 
 use crate::bitmap::PageIndex;
-use crate::block::{BlockError, BlockId, BlockTable, GuestMemory};
+use crate::block::{BlockError, BlockId, BlockName, BlockTable, GuestMemory};
 use crate::lifecycle::{ChannelId, ForeignToken};
-use crate::wire::packet::{COMMON_HEADER_LEN, RAM_FIXED_LEN};
-use crate::wire::{BlockInfo, CommonHeader, DecodeError, Name, Packet, PacketConfig, StreamError};
-
-/// Longest packet header of any supported page size: 1 KiB pages give 512 offset slots.
-pub const MAX_HEADER_LEN: usize = RAM_FIXED_LEN + 8 * 512;
+use crate::wire::packet::COMMON_HEADER_LEN;
+use crate::wire::{
+    BlockInfo, CommonHeader, DecodeError, Field, Geometry, MAX_HEADER_LEN, Offsets, Packet, PacketConfig, StreamError,
+};
 
 /// Where a channel's stream ended when it was not at a packet boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +117,7 @@ pub enum RecvError {
         /// Index of the packet on this channel.
         packet: u64,
         /// The block's name.
-        block: Name,
+        block: BlockName,
         /// What was wrong.
         error: BlockError,
     },
@@ -150,12 +149,18 @@ pub enum RecvError {
     /// A main-stream record names a block the receiver does not have.
     MainUnknownBlock {
         /// The name.
-        block: Name,
+        block: BlockName,
+    },
+    /// A main-stream record names a block by a name no block can have (empty, or with a NUL).
+    MainBadBlockName {
+        /// Why the name is not a block name ([`BlockError::BadNameLength`] or
+        /// [`BlockError::NulInName`]).
+        error: BlockError,
     },
     /// A main-stream page or zero page could not be applied.
     MainBlock {
         /// The block.
-        block: Name,
+        block: BlockName,
         /// Byte offset of the page.
         offset: u64,
         /// What was wrong.
@@ -208,7 +213,7 @@ pub enum RecvError {
     /// At the end: pages of a block were never received.
     Incomplete {
         /// The block.
-        block: Name,
+        block: BlockName,
         /// Pages received.
         received: u64,
         /// Pages in the block.
@@ -243,22 +248,27 @@ pub enum BlockListError {
         /// The receiver's capacity.
         max: usize,
     },
-    /// A block's name or used length is invalid.
+    /// A block's name is invalid (empty, too long, or with a NUL byte).
+    BadName {
+        /// What was wrong.
+        error: BlockError,
+    },
+    /// A block's used length is invalid.
     BadBlock {
-        /// The name (as sent).
-        block: Name,
+        /// The block.
+        block: BlockName,
         /// What was wrong.
         error: BlockError,
     },
     /// Two entries of the list have one name.
     DuplicateBlock {
         /// The name.
-        block: Name,
+        block: BlockName,
     },
     /// The list declares more RAM than the receiver's limit.
     TooMuchRam {
         /// The block that crossed the limit.
-        block: Name,
+        block: BlockName,
         /// Its used length.
         size: u64,
         /// Bytes declared so far, this block included.
@@ -273,8 +283,9 @@ pub enum BlockListError {
     },
     /// The block table the embedder built does not match the declared list.
     TableMismatch {
-        /// The first declared block missing from the table or different in it.
-        block: Name,
+        /// The first declared block missing from the table or different in it (or the table's
+        /// block the list does not declare).
+        block: BlockName,
     },
     /// The block table was started before the block list was complete.
     NotComplete,
@@ -288,6 +299,7 @@ impl fmt::Display for BlockListError {
             }
             Self::Empty => write!(f, "the block list declares no RAM (MEM_SIZE total 0)"),
             Self::TooManyBlocks { max } => write!(f, "more than {max} blocks declared"),
+            Self::BadName { error } => write!(f, "a block name: {error}"),
             Self::BadBlock { block, error } => write!(f, "block {block}: {error}"),
             Self::DuplicateBlock { block } => write!(f, "block {block} is declared twice"),
             Self::TooMuchRam { block, size, total, limit } => write!(
@@ -330,6 +342,7 @@ impl fmt::Display for RecvError {
             }
             Self::MainStream { position, error } => write!(f, "main stream at byte {position}: {error}"),
             Self::MainUnknownBlock { block } => write!(f, "main stream: unknown RAM block {block}"),
+            Self::MainBadBlockName { error } => write!(f, "main stream: bad RAM block name: {error}"),
             Self::MainBlock { block, offset, error } => {
                 write!(f, "main stream: block {block}, page at {offset:#x}: {error}")
             }
@@ -430,7 +443,9 @@ pub enum Want<'c> {
 enum Phase {
     /// Filling the header buffer up to `need` (12 until the common header is known).
     Header { have: usize, need: usize },
-    /// Receiving normal page `index` of `normal`; `at` bytes of it are in.
+    /// Receiving normal page `index` of `normal`, at byte `offset` of `block` (whose page size is
+    /// `geometry`); `at` bytes of it are in. Every offset of the packet (in the header buffer) was
+    /// validated against `block` when the header arrived.
     Pages {
         block: BlockId,
         index: u32,
@@ -438,7 +453,7 @@ enum Phase {
         page: PageIndex,
         offset: usize,
         at: usize,
-        page_size: usize,
+        geometry: Geometry,
         sync: bool,
     },
     /// Dropping a device-state payload.
@@ -493,8 +508,8 @@ impl RecvChannel {
     pub fn want(&mut self) -> Want<'_> {
         match self.phase {
             Phase::Header { have, need } => Want::Header(&mut self.header[have..need]),
-            Phase::Pages { block, page, offset, at, page_size, .. } => {
-                Want::Page { block, page, offset: offset + at, len: page_size - at }
+            Phase::Pages { block, page, offset, at, geometry, .. } => {
+                Want::Page { block, page, offset: offset + at, len: geometry.bytes() - at }
             }
             // A device-state payload is at most 4 GiB; a `usize` below 64 bits takes it in parts.
             Phase::Discard { left } => Want::Discard(usize::try_from(left).unwrap_or(usize::MAX)),
@@ -505,7 +520,7 @@ impl RecvChannel {
     fn wanted(&self) -> usize {
         match self.phase {
             Phase::Header { have, need } => need - have,
-            Phase::Pages { at, page_size, .. } => page_size - at,
+            Phase::Pages { at, geometry, .. } => geometry.bytes() - at,
             Phase::Discard { left } => usize::try_from(left).unwrap_or(usize::MAX),
             Phase::Sync => 0,
         }
@@ -541,9 +556,9 @@ impl RecvChannel {
                 }
                 self.on_header(need, table)
             }
-            Phase::Pages { ref mut at, page_size, .. } => {
+            Phase::Pages { ref mut at, geometry, .. } => {
                 *at += n;
-                if *at < page_size {
+                if *at < geometry.bytes() {
                     return Ok(());
                 }
                 self.page_done(table)
@@ -588,11 +603,12 @@ impl RecvChannel {
             Packet::Ram(ram) => ram,
         };
         let lookup = |name: &[u8]| {
-            table
-                .find(name)
-                .map(|(_, b)| BlockInfo { used_length: b.used_len() as u64, page_size: b.page_size().bytes() as u32 })
+            table.find(name).map(|(_, b)| BlockInfo { used_length: b.used_len() as u64, page_size: b.page_size() })
         };
         let hdr = *ram.header();
+        // The one validation of this packet's offsets: each normal and zero offset is aligned to
+        // the block's page size and leaves a whole page inside its used length (checked
+        // arithmetic). The per-page steps below and in `page_done`/`pending_pages` rely on it.
         let checked = ram.check_pages(&lookup);
         let (id, sync, normal, zero) = (self.id, hdr.flags.is_sync(), hdr.normal_pages, hdr.zero_pages);
         let packet_no = self.stats.packets;
@@ -607,26 +623,21 @@ impl RecvChannel {
             self.finish_packet(sync);
             return Ok(());
         };
-        let block_err = |error| RecvError::Block {
-            channel: id,
-            packet: packet_no,
-            block: Name::new(block.name().as_bytes()),
-            error,
-        };
+        let geometry = block.page_size();
+        let block_err = |error| RecvError::Block { channel: id, packet: packet_no, block: *block.name(), error };
         for off in ram.zero_offsets() {
-            let page = block.page_at(off).map_err(block_err)?;
+            let (page, _) = checked_page(off, geometry);
+            debug_assert_eq!(block.page_at(off), Ok(page), "validated by check_pages");
             block.zero_page(page).map_err(block_err)?;
         }
         self.stats.zero_pages += u64::from(zero);
-        if normal == 0 {
+        let Some(first) = ram.normal_offsets().next() else {
             self.finish_packet(sync);
             return Ok(());
-        }
-        let first = ram.normal_offsets().next().unwrap_or(0);
-        let page = block.page_at(first).map_err(block_err)?;
-        let offset = block.byte_offset(page).map_err(block_err)?;
-        let page_size = block.page_size().bytes();
-        self.phase = Phase::Pages { block: block_id, index: 0, normal, page, offset, at: 0, page_size, sync };
+        };
+        let (page, offset) = checked_page(first, geometry);
+        debug_assert_eq!(block.page_at(first), Ok(page), "validated by check_pages");
+        self.phase = Phase::Pages { block: block_id, index: 0, normal, page, offset, at: 0, geometry, sync };
         Ok(())
     }
 
@@ -638,18 +649,23 @@ impl RecvChannel {
         }
     }
 
+    /// The offset array of the RAM header in the buffer (decoded by `on_header`).
+    fn offsets(&self) -> Option<Offsets<'_>> {
+        Offsets::of_header(&self.header, self.cfg.geometry)
+    }
+
     /// The current page is complete: publish it and move to the next one.
     fn page_done<M: GuestMemory + ?Sized, const N: usize>(
         &mut self,
         table: &BlockTable<'_, M, N>,
     ) -> Result<(), RecvError> {
-        let Phase::Pages { block, index, normal, page, sync, .. } = self.phase else {
+        let Phase::Pages { block, index, normal, page, geometry, sync, .. } = self.phase else {
             return Ok(());
         };
         let (id, packet) = (self.id, self.stats.packets.saturating_sub(1));
         // Local invariant: `block` came from this table in `on_header`; the table does not shrink.
         let Some(b) = table.get(block) else { return Ok(()) };
-        let block_err = |error| RecvError::Block { channel: id, packet, block: Name::new(b.name().as_bytes()), error };
+        let block_err = |error| RecvError::Block { channel: id, packet, block: *b.name(), error };
         b.mark_received(page).map_err(block_err)?;
         self.stats.normal_pages += 1;
         let next = index + 1;
@@ -657,15 +673,17 @@ impl RecvChannel {
             self.finish_packet(sync);
             return Ok(());
         }
-        // The offsets were validated against this block in `on_header`; re-check costs nothing.
-        let at = RAM_FIXED_LEN + 8 * next as usize;
-        let mut raw = [0u8; 8];
-        raw.copy_from_slice(&self.header[at..at + 8]);
-        let off = u64::from_be_bytes(raw);
-        let page = b.page_at(off).map_err(block_err)?;
-        let offset = b.byte_offset(page).map_err(block_err)?;
-        let page_size = b.page_size().bytes();
-        self.phase = Phase::Pages { block, index: next, normal, page, offset, at: 0, page_size, sync };
+        // `next < normal <= page_count`: the slot exists (decode checked the counts), so `None`
+        // cannot happen; it is still a typed error rather than a panic.
+        let Some(off) = self.offsets().and_then(|o| o.get(next as usize)) else {
+            let need = self.cfg.geometry.header_len();
+            let error = DecodeError::Truncated { field: Field::Offsets, need, have: need };
+            return Err(RecvError::Packet { channel: id, packet, error });
+        };
+        // Validated against this block in `on_header`.
+        let (page, offset) = checked_page(off, geometry);
+        debug_assert_eq!(b.page_at(off), Ok(page), "validated by check_pages");
+        self.phase = Phase::Pages { block, index: next, normal, page, offset, at: 0, geometry, sync };
         Ok(())
     }
 
@@ -673,31 +691,31 @@ impl RecvChannel {
     /// `out.len()` ranges (the first one is the page [`Want::Page`] names, possibly partly filled)
     /// and returns how many. Lets an embedder read several pages with one vectored read; it then
     /// reports the bytes with [`RecvChannel::advance_many`]. Returns 0 outside page data.
+    ///
+    /// The offsets were validated once, when the packet's header arrived; this only reads them.
+    /// `table` is the table given to [`RecvChannel::advance`] (debug builds check the ranges
+    /// against it).
     pub fn pending_pages<M: GuestMemory + ?Sized, const N: usize>(
         &self,
         table: &BlockTable<'_, M, N>,
         out: &mut [PageRange],
     ) -> usize {
-        let Phase::Pages { block, index, normal, offset, at, page_size, .. } = self.phase else {
+        let Phase::Pages { block, index, normal, offset, at, geometry, .. } = self.phase else {
             return 0;
         };
-        let Some(b) = table.get(block) else { return 0 };
+        let Some(offsets) = self.offsets() else { return 0 };
+        let page_size = geometry.bytes();
         let mut n = 0;
         for (slot, i) in out.iter_mut().zip(index..normal) {
-            let start = if i == index {
-                offset + at
+            let range = if i == index {
+                PageRange { block, offset: offset + at, len: page_size - at }
             } else {
-                let at_hdr = RAM_FIXED_LEN + 8 * i as usize;
-                let mut raw = [0u8; 8];
-                raw.copy_from_slice(&self.header[at_hdr..at_hdr + 8]);
-                // Validated against this block when the header arrived; stop early if not.
-                match b.page_at(u64::from_be_bytes(raw)).and_then(|p| b.byte_offset(p)) {
-                    Ok(o) => o,
-                    Err(_) => break,
-                }
+                let Some(off) = offsets.get(i as usize) else { break };
+                let (page, start) = checked_page(off, geometry);
+                debug_assert_eq!(table.get(block).map(|b| b.page_at(off)), Some(Ok(page)), "validated by check_pages");
+                PageRange { block, offset: start, len: page_size }
             };
-            let len = if i == index { page_size - at } else { page_size };
-            *slot = PageRange { block, offset: start, len };
+            *slot = range;
             n += 1;
         }
         n
@@ -777,6 +795,20 @@ impl RecvChannel {
         }
         Ok(used)
     }
+}
+
+/// Page index and byte offset of `offset`, an offset [`RamPacket::check_pages`] validated against
+/// a block of page size `geometry`: aligned, and a whole page below the block's used length (itself
+/// at most the mapped `usize` length), so the conversion is lossless and no check is repeated.
+///
+/// [`RamPacket::check_pages`]: crate::wire::RamPacket::check_pages
+#[inline]
+fn checked_page(offset: u64, geometry: Geometry) -> (PageIndex, usize) {
+    let at = usize::try_from(offset);
+    debug_assert!(at.is_ok() && offset.is_multiple_of(u64::from(geometry.page_size())));
+    // Validated offsets are below a `usize` length; `unwrap_or` keeps release builds panic-free.
+    let at = at.unwrap_or(usize::MAX);
+    (PageIndex::new(at >> geometry.shift()), at)
 }
 
 #[cfg(all(test, not(loom)))]

@@ -6,7 +6,7 @@
 
 use super::*;
 use crate::bitmap::{AtomicWord, words_for};
-use crate::block::{AtomicRegion, AtomicU8, BlockSpec, PageSize, ZeroPage, ZeroPagePolicy};
+use crate::block::{AtomicRegion, AtomicU8, BlockSpec, ZeroPage, ZeroPagePolicy};
 use crate::lifecycle::{Coordinator, Wake};
 use crate::sync::{AtomicU32, Ordering};
 use crate::wire::stream::Event;
@@ -75,12 +75,7 @@ fn table<'a, M: GuestMemory>(
 ) -> Table<'a, M> {
     let mut t = BlockTable::new(policy);
     let pages = memory.len() / PS;
-    let spec = BlockSpec {
-        name: b"m0",
-        used_len: (pages * PS) as u64,
-        page_size: PageSize::new(PS as u32).unwrap(),
-        memory_zeroed: zeroed,
-    };
+    let spec = BlockSpec { name: b"m0", used_len: (pages * PS) as u64, page_size: geo(), memory_zeroed: zeroed };
     t.add(&spec, memory, words).unwrap();
     t
 }
@@ -463,7 +458,7 @@ fn b28_o4_hostile_header_fields_are_typed_errors_and_write_nothing() {
     ));
     let mut w = base();
     w[64..66].copy_from_slice(b"pc");
-    cases.push(("unknown block", w, DecodeError::UnknownBlock { name: crate::wire::Name::new(b"pc") }));
+    cases.push(("unknown block", w, DecodeError::UnknownBlock { name: crate::block::BlockName::new(b"pc").unwrap() }));
     let mut w = base();
     w[64..320].fill(b'x');
     cases.push(("unterminated block name", w, DecodeError::NameUnterminated { field: crate::wire::Field::BlockName }));

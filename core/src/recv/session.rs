@@ -55,7 +55,7 @@ use crate::lock::SpinLock;
 use crate::sync::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use crate::wire::packet::INIT_PACKET_LEN;
 use crate::wire::stream::{Event, StreamConfig, StreamParser};
-use crate::wire::{ChannelKind, DecodeError, InitPacket, Name, PacketConfig, identify_channel};
+use crate::wire::{ChannelKind, DecodeError, InitPacket, PacketConfig, identify_channel};
 
 use super::{
     BlockListError, ChannelStats, EpochBarrier, EpochError, MainAction, MainRecv, MainStats, RecvChannel, RecvError,
@@ -366,7 +366,7 @@ impl<H, E, const MAX: usize> RecvSession<H, E, MAX> {
         for (_, b) in table.iter() {
             let (received, pages) = (b.bitmap().count() as u64, b.pages() as u64);
             if received != pages {
-                return Err(RecvError::Incomplete { block: Name::new(b.name().as_bytes()), received, pages });
+                return Err(RecvError::Incomplete { block: *b.name(), received, pages });
             }
         }
         Ok(self.totals(main))
@@ -481,9 +481,8 @@ impl<const B: usize> fmt::Debug for MainStream<B> {
 impl<const B: usize> MainStream<B> {
     /// A main stream at its first byte, for `session`'s page size.
     pub fn new<H, E, const MAX: usize>(session: &RecvSession<H, E, MAX>) -> Self {
-        let page_size = session.cfg.packet.geometry.page_size();
         Self {
-            parser: StreamParser::new(StreamConfig { page_size }),
+            parser: StreamParser::new(StreamConfig::new(session.cfg.packet.geometry)),
             recv: MainRecv::new(SyncMode::Auto),
             phase: Phase::BlockList,
             list: List { declared: [None; B], count: 0, total: 0 },
@@ -557,14 +556,17 @@ impl<const B: usize> MainStream<B> {
         for d in self.declared() {
             let same = table.find(d.name.as_bytes()).is_some_and(|(_, b)| b.used_len() as u64 == d.used_length);
             if !same {
-                return Err(RecvError::BlockList(BlockListError::TableMismatch {
-                    block: Name::new(d.name.as_bytes()),
-                }));
+                return Err(RecvError::BlockList(BlockListError::TableMismatch { block: d.name }));
             }
         }
         if table.len() != self.list.count {
             let extra = table.iter().map(|(_, b)| b.name()).find(|n| !self.declared().any(|d| d.name == **n));
-            let block = extra.map_or(Name::new(b""), |n| Name::new(n.as_bytes()));
+            // A table of as many blocks holding every declared one has no extra block; then the
+            // count differs through a duplicate in the table, named by the first declared block.
+            let first = self.declared().next().map(|d| d.name);
+            let Some(block) = extra.copied().or(first) else {
+                return Err(RecvError::BlockList(BlockListError::NotComplete));
+            };
             return Err(RecvError::BlockList(BlockListError::TableMismatch { block }));
         }
         self.phase = Phase::Running;
@@ -697,11 +699,11 @@ impl<const B: usize> List<B> {
     }
 
     fn declare(&mut self, name: &[u8], used_length: u64, page_size: u32, limit: u64) -> Result<(), BlockListError> {
-        let block = Name::new(name);
-        let bad = |error| BlockListError::BadBlock { block, error };
-        let checked = BlockName::new(name).map_err(bad)?;
+        let checked = BlockName::new(name).map_err(|error| BlockListError::BadName { error })?;
+        let block = checked;
         if used_length == 0 || !used_length.is_multiple_of(u64::from(page_size)) {
-            return Err(bad(BlockError::BadUsedLength { used_len: used_length, page_size }));
+            let error = BlockError::BadUsedLength { used_len: used_length, page_size };
+            return Err(BlockListError::BadBlock { block, error });
         }
         if self.iter().any(|d| d.name == checked) {
             return Err(BlockListError::DuplicateBlock { block });

@@ -1,6 +1,6 @@
 use super::*;
 use crate::bitmap::{AtomicWord, words_for};
-use crate::block::{AtomicRegion, AtomicU8, BlockSpec, PageSize, ZeroPagePolicy};
+use crate::block::{AtomicRegion, AtomicU8, BlockSpec, ZeroPagePolicy};
 use crate::lifecycle::{Coordinator, Wake};
 use crate::wire::stream::Event;
 use crate::wire::{Flags, Geometry, Layout, RamHeader};
@@ -30,12 +30,7 @@ impl Fixture {
 
 fn table<'a>(region: &'a AtomicRegion<'a>, words: &'a [AtomicWord]) -> BlockTable<'a, AtomicRegion<'a>, 2> {
     let mut t = BlockTable::new(ZeroPagePolicy::SkipUntouched);
-    let spec = BlockSpec {
-        name: b"m0",
-        used_len: (PAGES * PS) as u64,
-        page_size: PageSize::new(PS as u32).unwrap(),
-        memory_zeroed: true,
-    };
+    let spec = BlockSpec { name: b"m0", used_len: (PAGES * PS) as u64, page_size: geo(), memory_zeroed: true };
     t.add(&spec, region, words).unwrap();
     t
 }
@@ -242,4 +237,13 @@ fn pending_pages_list_the_rest_of_the_packet_for_one_vectored_read() {
     assert_eq!((page_bytes(&t, 6)[0], page_bytes(&t, 0)[0], page_bytes(&t, 3)[0]), (0x10, 0x11, 0x12));
     assert_eq!(block.bitmap().count(), 3);
     assert_eq!(ch.finish(), Ok(()), "at a packet boundary");
+}
+
+/// The error sizes `BlockName`'s docs promise (a full name inline): seen if they grow.
+#[test]
+fn error_sizes_are_pinned() {
+    use core::mem::size_of;
+    assert_eq!(size_of::<crate::block::BlockName>(), 256);
+    assert!(size_of::<DecodeError>() <= 264, "{}", size_of::<DecodeError>());
+    assert!(size_of::<RecvError>() <= 304, "{}", size_of::<RecvError>());
 }

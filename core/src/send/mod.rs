@@ -48,14 +48,9 @@ pub use zero::is_zero_page;
 
 use crate::lifecycle::{Cancelled, ChannelId, ConfigError, Coordinator, Wake};
 use crate::sync::{AtomicBool, AtomicU8, AtomicU32, Ordering, UnsafeCell};
-use crate::wire::packet::{INIT_PACKET_LEN, NAME_FIELD_LEN, RAM_FIXED_LEN};
+use crate::wire::packet::{INIT_PACKET_LEN, NAME_FIELD_LEN};
 use crate::wire::stream::Record;
-use crate::wire::{EncodeError, Flags, Geometry, InitPacket, Layout, RamHeader};
-
-/// Largest `page_count` (offset slots per packet) of any supported page size: 512 KiB / 1 KiB.
-pub const MAX_PAGE_COUNT: usize = 512;
-/// Largest RAM packet header: `320 + 8 * MAX_PAGE_COUNT` bytes.
-pub const MAX_HEADER_LEN: usize = RAM_FIXED_LEN + 8 * MAX_PAGE_COUNT;
+use crate::wire::{EncodeError, Flags, Geometry, InitPacket, Layout, MAX_HEADER_LEN, MAX_PAGE_COUNT, RamHeader};
 
 const IDLE: u8 = 0;
 const DATA: u8 = 1;

@@ -2,63 +2,7 @@
 
 use core::fmt;
 
-/// The first bytes of a peer-supplied name (block or section id), kept for error messages.
-///
-/// Copy and small: holds up to [`Name::CAP`] bytes and the full length of the original.
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct Name {
-    bytes: [u8; Name::CAP],
-    len: u16,
-}
-
-impl Name {
-    /// How many bytes of the name are kept.
-    pub const CAP: usize = 32;
-
-    /// Keeps the first [`Name::CAP`] bytes of `name`.
-    pub fn new(name: &[u8]) -> Self {
-        let mut bytes = [0u8; Name::CAP];
-        let n = name.len().min(Name::CAP);
-        bytes[..n].copy_from_slice(&name[..n]);
-        Name { bytes, len: u16::try_from(name.len()).unwrap_or(u16::MAX) }
-    }
-
-    /// The kept prefix of the name.
-    pub fn prefix(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len).min(Name::CAP)]
-    }
-
-    /// Length of the original name.
-    pub fn len(&self) -> usize {
-        usize::from(self.len)
-    }
-
-    /// Whether the original name was empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl fmt::Display for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"")?;
-        for &b in self.prefix() {
-            if b.is_ascii_graphic() || b == b' ' {
-                write!(f, "{}", b as char)?;
-            } else {
-                write!(f, "\\x{b:02x}")?;
-            }
-        }
-        if self.len() > Name::CAP { write!(f, "...\" ({} bytes)", self.len()) } else { f.write_str("\"") }
-    }
-}
-
-impl fmt::Debug for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
+use crate::block::BlockName;
 
 /// A header field, for [`DecodeError::Truncated`] and [`EncodeError`] messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +37,8 @@ impl fmt::Display for Field {
 }
 
 /// Why a multifd init packet or packet header was refused.
+// `UnknownBlock` carries the whole name; see `BlockName`'s docs on why that size is accepted.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
@@ -192,8 +138,10 @@ pub enum DecodeError {
     /// The block named by a packet with pages is not known to the receiver.
     UnknownBlock {
         /// The name received.
-        name: Name,
+        name: BlockName,
     },
+    /// A packet with pages has an empty block name (no block can have one).
+    EmptyBlockName,
     /// Offset number `index` is not a multiple of the block's page size.
     OffsetMisaligned {
         /// Position in the offset array.
@@ -226,7 +174,8 @@ pub enum DecodeError {
     },
     /// A device-state packet announces an empty payload.
     DeviceStateEmpty,
-    /// The configured page size is not a power of two dividing 512 KiB, at least 1 KiB.
+    /// The configured page size is not a power of two from 1 KiB to 64 KiB
+    /// ([`Geometry::new`](super::Geometry::new)).
     BadPageSize {
         /// The configured page size.
         page_size: u32,
@@ -276,6 +225,7 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::NameUnterminated { field } => write!(f, "{field} is not NUL-terminated"),
             DecodeError::UnknownBlock { name } => write!(f, "unknown RAM block {name}"),
+            DecodeError::EmptyBlockName => f.write_str("a packet with pages has an empty block name"),
             DecodeError::OffsetMisaligned { index, offset, page_size } => {
                 write!(f, "offset[{index}] {offset:#x} is not a multiple of the page size {page_size}")
             }
@@ -291,7 +241,7 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::DeviceStateEmpty => f.write_str("device-state packet has an empty payload"),
             DecodeError::BadPageSize { page_size } => {
-                write!(f, "page size {page_size} is not a power of two between 1 KiB and 512 KiB")
+                write!(f, "page size {page_size} is not a power of two between 1 KiB and 64 KiB")
             }
         }
     }

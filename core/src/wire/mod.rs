@@ -10,7 +10,7 @@
 //! - [`identify_channel`]: tells a main stream from a multifd channel by its first 4 bytes.
 //!
 //! Invariants: the length of a packet header never comes from the peer (it follows from the
-//! local page size); every count and offset read from the peer is checked with checked
+//! local page size, a [`Geometry`]; no header is longer than [`MAX_HEADER_LEN`]); every count and offset read from the peer is checked with checked
 //! arithmetic before use; every failure is a typed, `Copy` error that names the field and the
 //! values involved. Peer input never panics.
 //!
@@ -26,10 +26,10 @@ pub mod stream;
 
 mod error;
 
-pub use error::{DecodeError, EncodeError, Field, Name};
+pub use error::{DecodeError, EncodeError, Field};
 pub use packet::{
     BlockInfo, BlockLookup, ChannelSet, CommonHeader, Compression, DeviceStateHeader, DeviceStatePolicy, Flags,
-    Geometry, InitPacket, Layout, Offsets, Packet, PacketConfig, RamHeader, RamPacket,
+    Geometry, InitPacket, Layout, MAX_HEADER_LEN, MAX_PAGE_COUNT, Offsets, Packet, PacketConfig, RamHeader, RamPacket,
 };
 pub use stream::{Event, Record, StreamConfig, StreamError, StreamParser};
 
@@ -77,19 +77,15 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(w)
 }
 
-/// Checks that `offset` is a page-aligned page wholly inside a block of `info`.
+/// Checks that `offset` is a page-aligned page wholly inside a block of `info`, with checked
+/// arithmetic. `index` is the offset's slot, for the error.
 pub fn check_page(info: BlockInfo, offset: u64, index: u32) -> Result<(), DecodeError> {
-    let page = u64::from(info.page_size);
-    if info.page_size == 0 || !offset.is_multiple_of(page) {
-        return Err(DecodeError::OffsetMisaligned { index, offset, page_size: info.page_size });
+    let page_size = info.page_size.page_size();
+    if !offset.is_multiple_of(u64::from(page_size)) {
+        return Err(DecodeError::OffsetMisaligned { index, offset, page_size });
     }
-    match offset.checked_add(page) {
+    match offset.checked_add(u64::from(page_size)) {
         Some(end) if end <= info.used_length => Ok(()),
-        _ => Err(DecodeError::OffsetOutOfRange {
-            index,
-            offset,
-            page_size: info.page_size,
-            used_length: info.used_length,
-        }),
+        _ => Err(DecodeError::OffsetOutOfRange { index, offset, page_size, used_length: info.used_length }),
     }
 }

@@ -27,12 +27,13 @@
 //! let Packet::Ram(p) = Packet::decode(&buf, &cfg).unwrap() else { panic!() };
 //! assert_eq!(p.header().packet_num, 7);
 //! assert!(p.normal_offsets().eq([0x2000]));
-//! let block = BlockInfo { used_length: 0x10000, page_size: 4096 };
+//! let block = BlockInfo { used_length: 0x10000, page_size: geo };
 //! let lookup = |name: &[u8]| (name == b"m0").then_some(block);
 //! assert_eq!(p.check_pages(&lookup), Ok(Some(block)));
 //! ```
 
-use super::{DecodeError, EncodeError, Field, MULTIFD_MAGIC, MULTIFD_VERSION, Name, PACKET_DATA_SIZE, be32, be64};
+use super::{DecodeError, EncodeError, Field, MULTIFD_MAGIC, MULTIFD_VERSION, PACKET_DATA_SIZE, be32, be64};
+use crate::block::BlockName;
 use core::fmt;
 
 /// Length of the init packet.
@@ -45,6 +46,57 @@ pub const RAM_FIXED_LEN: usize = 320;
 pub const DEVICE_STATE_HEADER_LEN: usize = 276;
 /// Size of the NUL-padded name fields (RAM block name, device id).
 pub const NAME_FIELD_LEN: usize = 256;
+
+/// Byte offsets of the fields of the 12-byte header common to every packet (and of the init
+/// packet, which starts the same way). Encoders and decoders both use these.
+pub mod common {
+    /// `magic` (u32).
+    pub const MAGIC: usize = 0;
+    /// `version` (u32).
+    pub const VERSION: usize = 4;
+    /// `flags` (u32) in packet headers.
+    pub const FLAGS: usize = 8;
+}
+
+/// Byte offsets of the fields of the 64-byte init packet after magic and version.
+pub mod init {
+    /// `uuid` (16 bytes).
+    pub const UUID: usize = 8;
+    /// Channel `id` (u8).
+    pub const ID: usize = 24;
+}
+
+/// Byte offsets of the fields of a RAM packet header.
+pub mod ram {
+    /// `pages_alloc` (u32).
+    pub const PAGES_ALLOC: usize = 12;
+    /// `normal_pages` (u32).
+    pub const NORMAL_PAGES: usize = 16;
+    /// `next_packet_size` (u32).
+    pub const NEXT_PACKET_SIZE: usize = 20;
+    /// `packet_num` (u64).
+    pub const PACKET_NUM: usize = 24;
+    /// `zero_pages` (u32; QEMU 9.0+, reserved before).
+    pub const ZERO_PAGES: usize = 32;
+    /// `ramblock` name field ([`NAME_FIELD_LEN`](super::NAME_FIELD_LEN) bytes, NUL-padded).
+    pub const BLOCK: usize = 64;
+    /// The offset array (one big-endian u64 per slot), right after the fixed part.
+    pub const OFFSETS: usize = super::RAM_FIXED_LEN;
+}
+
+/// Byte offsets of the fields of a device-state packet header (QEMU 10.0+).
+pub mod device_state {
+    /// `idstr` name field ([`NAME_FIELD_LEN`](super::NAME_FIELD_LEN) bytes, NUL-padded).
+    pub const IDSTR: usize = 12;
+    /// `instance_id` (u32).
+    pub const INSTANCE_ID: usize = 268;
+    /// `next_packet_size` (u32).
+    pub const NEXT_PACKET_SIZE: usize = 272;
+}
+
+const _: () = assert!(ram::BLOCK + NAME_FIELD_LEN == RAM_FIXED_LEN);
+const _: () = assert!(device_state::IDSTR + NAME_FIELD_LEN == device_state::INSTANCE_ID);
+const _: () = assert!(device_state::NEXT_PACKET_SIZE + 4 == DEVICE_STATE_HEADER_LEN);
 
 /// Packet flags: SYNC, a compression value, DEVICE_STATE.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,25 +207,56 @@ pub enum Layout {
     V9_0,
 }
 
-/// Page size and the header length it implies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The target page size of a migration, and what it fixes on the wire: the RAM header length
+/// ([`Geometry::header_len`]), the offset slots per packet ([`Geometry::page_count`]), the size
+/// of PAGE data and the flag mask of main-stream RAM records. The one page-size type of the
+/// crate: the packet codec, the stream parser ([`StreamConfig`](super::StreamConfig)) and the
+/// block table ([`BlockSpec::page_size`](crate::block::BlockSpec::page_size)) all take it.
+///
+/// Always a power of two from [`Geometry::MIN`] (1 KiB) to [`Geometry::MAX`] (64 KiB), the
+/// range of QEMU's target page sizes.
+///
+/// ```
+/// use multifd_core::wire::Geometry;
+/// let g = Geometry::new(4096)?;
+/// assert_eq!((g.bytes(), g.shift(), g.page_count(), g.header_len()), (4096, 12, 128, 1344));
+/// assert_eq!(g, Geometry::DEFAULT);
+/// assert!(Geometry::new(128 * 1024).is_err());
+/// # Ok::<(), multifd_core::wire::DecodeError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Geometry {
     page_size: u32,
 }
 
 impl Geometry {
-    /// A geometry for `page_size`: a power of two from 1 KiB to 512 KiB.
+    /// 4 KiB, the page size of x86, most Arm and RISC-V guests.
+    pub const DEFAULT: Self = Geometry { page_size: 4096 };
+    /// Smallest accepted page size (QEMU's smallest target page, 1 KiB).
+    pub const MIN: u32 = 1024;
+    /// Largest accepted page size (QEMU's largest target page, 64 KiB).
+    pub const MAX: u32 = 64 * 1024;
+
+    /// A geometry for `page_size`: a power of two from [`Geometry::MIN`] to [`Geometry::MAX`].
     pub const fn new(page_size: u32) -> Result<Self, DecodeError> {
-        if page_size.is_power_of_two() && page_size >= 1024 && page_size <= PACKET_DATA_SIZE {
+        if page_size.is_power_of_two() && page_size >= Self::MIN && page_size <= Self::MAX {
             Ok(Geometry { page_size })
         } else {
             Err(DecodeError::BadPageSize { page_size })
         }
     }
-    /// The target page size.
+    /// The target page size in bytes.
     pub const fn page_size(self) -> u32 {
         self.page_size
+    }
+    /// The target page size in bytes, as a `usize` (lossless: at most 64 KiB).
+    pub const fn bytes(self) -> usize {
+        self.page_size as usize
+    }
+    /// log2 of the page size.
+    pub const fn shift(self) -> u32 {
+        self.page_size.trailing_zeros()
     }
     /// Offset slots per packet: `512 KiB / page size` (128 for 4 KiB pages).
     pub const fn page_count(self) -> u32 {
@@ -181,9 +264,23 @@ impl Geometry {
     }
     /// Length of a RAM packet header: `320 + 8 * page_count` (1344 for 4 KiB pages).
     pub const fn header_len(self) -> usize {
-        RAM_FIXED_LEN + 8 * self.page_count() as usize
+        ram::OFFSETS + 8 * self.page_count() as usize
     }
 }
+
+impl Default for Geometry {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Largest `page_count` (offset slots per packet) of any accepted page size: 512 KiB / 1 KiB.
+pub const MAX_PAGE_COUNT: usize = (PACKET_DATA_SIZE / Geometry::MIN) as usize;
+/// Largest RAM packet header of any accepted page size: `320 + 8 * MAX_PAGE_COUNT` (4416) bytes.
+/// A receive buffer of this size holds any packet header (device-state headers are shorter).
+pub const MAX_HEADER_LEN: usize = RAM_FIXED_LEN + 8 * MAX_PAGE_COUNT;
+
+const _: () = assert!(DEVICE_STATE_HEADER_LEN <= MAX_HEADER_LEN);
 
 /// What a receiver does with a device-state packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,8 +359,8 @@ impl InitPacket {
         need(Field::InitPacket, buf, INIT_PACKET_LEN)?;
         check_magic_version(buf)?;
         let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(&buf[8..24]);
-        Ok(InitPacket { uuid, id: buf[24] })
+        uuid.copy_from_slice(&buf[init::UUID..init::UUID + 16]);
+        Ok(InitPacket { uuid, id: buf[init::ID] })
     }
 
     /// Checks the packet against the receiver's configuration: `id < channels` (QEMU's own
@@ -285,10 +382,9 @@ impl InitPacket {
         out_need(out, INIT_PACKET_LEN)?;
         let out = &mut out[..INIT_PACKET_LEN];
         out.fill(0);
-        out[0..4].copy_from_slice(&MULTIFD_MAGIC.to_be_bytes());
-        out[4..8].copy_from_slice(&MULTIFD_VERSION.to_be_bytes());
-        out[8..24].copy_from_slice(&self.uuid);
-        out[24] = self.id;
+        put_magic_version(out);
+        out[init::UUID..init::UUID + 16].copy_from_slice(&self.uuid);
+        out[init::ID] = self.id;
         Ok(INIT_PACKET_LEN)
     }
 }
@@ -325,12 +421,25 @@ impl ChannelSet {
     }
 }
 
+fn put32(out: &mut [u8], at: usize, v: u32) {
+    out[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put64(out: &mut [u8], at: usize, v: u64) {
+    out[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put_magic_version(out: &mut [u8]) {
+    put32(out, common::MAGIC, MULTIFD_MAGIC);
+    put32(out, common::VERSION, MULTIFD_VERSION);
+}
+
 fn check_magic_version(buf: &[u8]) -> Result<(), DecodeError> {
-    let magic = be32(buf, 0);
+    let magic = be32(buf, common::MAGIC);
     if magic != MULTIFD_MAGIC {
         return Err(DecodeError::BadMagic { found: magic });
     }
-    let version = be32(buf, 4);
+    let version = be32(buf, common::VERSION);
     if version != MULTIFD_VERSION {
         return Err(DecodeError::BadVersion { found: version });
     }
@@ -350,7 +459,7 @@ impl CommonHeader {
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         need(Field::CommonHeader, buf, COMMON_HEADER_LEN)?;
         check_magic_version(buf)?;
-        let flags = Flags(be32(buf, 8));
+        let flags = Flags(be32(buf, common::FLAGS));
         if flags.0 & !Flags::KNOWN != 0 {
             return Err(DecodeError::UnknownFlags { flags: flags.0 });
         }
@@ -407,16 +516,15 @@ impl RamHeader<'_> {
         }
         let out = &mut out[..len];
         out.fill(0);
-        out[0..4].copy_from_slice(&MULTIFD_MAGIC.to_be_bytes());
-        out[4..8].copy_from_slice(&MULTIFD_VERSION.to_be_bytes());
-        out[8..12].copy_from_slice(&self.flags.0.to_be_bytes());
-        out[12..16].copy_from_slice(&self.pages_alloc.to_be_bytes());
-        out[16..20].copy_from_slice(&self.normal_pages.to_be_bytes());
-        out[20..24].copy_from_slice(&self.next_packet_size.to_be_bytes());
-        out[24..32].copy_from_slice(&self.packet_num.to_be_bytes());
-        out[32..36].copy_from_slice(&zero.to_be_bytes());
-        put_name(&mut out[64..RAM_FIXED_LEN], self.block)?;
-        for (slot, off) in out[RAM_FIXED_LEN..].chunks_exact_mut(8).zip(offsets) {
+        put_magic_version(out);
+        put32(out, common::FLAGS, self.flags.0);
+        put32(out, ram::PAGES_ALLOC, self.pages_alloc);
+        put32(out, ram::NORMAL_PAGES, self.normal_pages);
+        put32(out, ram::NEXT_PACKET_SIZE, self.next_packet_size);
+        put64(out, ram::PACKET_NUM, self.packet_num);
+        put32(out, ram::ZERO_PAGES, zero);
+        put_name(&mut out[ram::BLOCK..ram::BLOCK + NAME_FIELD_LEN], self.block)?;
+        for (slot, off) in out[ram::OFFSETS..].chunks_exact_mut(8).zip(offsets) {
             slot.copy_from_slice(&off.to_be_bytes());
         }
         Ok(len)
@@ -431,6 +539,13 @@ pub struct Offsets<'a> {
 }
 
 impl<'a> Offsets<'a> {
+    /// The offset array of a RAM packet header held in `header` (at least
+    /// [`Geometry::header_len`] bytes for `geometry`, as after [`Packet::decode`] succeeded on
+    /// it): for a receiver that keeps the header bytes and reads one slot at a time. `None` if
+    /// `header` is too short.
+    pub fn of_header(header: &'a [u8], geometry: Geometry) -> Option<Self> {
+        header.get(ram::OFFSETS..geometry.header_len()).map(|raw| Offsets { raw })
+    }
     /// Number of slots.
     pub fn len(&self) -> usize {
         self.raw.len() / 8
@@ -500,8 +615,14 @@ impl<'a> RamPacket<'a> {
         if !self.has_pages() {
             return Ok(None);
         }
-        let info =
-            blocks.lookup(self.header.block).ok_or(DecodeError::UnknownBlock { name: Name::new(self.header.block) })?;
+        let Some(info) = blocks.lookup(self.header.block) else {
+            // The name field gave at most 255 bytes before its NUL, so only an empty name is
+            // not a valid block name.
+            return Err(match BlockName::new(self.header.block) {
+                Ok(name) => DecodeError::UnknownBlock { name },
+                Err(_) => DecodeError::EmptyBlockName,
+            });
+        };
         let n = self.header.normal_pages as usize + self.header.zero_pages as usize;
         for (i, off) in self.offsets.iter().take(n).enumerate() {
             // i < page_count <= 512, so it fits in u32.
@@ -518,7 +639,7 @@ pub struct BlockInfo {
     /// Bytes of the block in use.
     pub used_length: u64,
     /// The block's page size (the target page size, or larger for huge-page backends).
-    pub page_size: u32,
+    pub page_size: Geometry,
 }
 
 /// Finds a RAM block by name. Implemented for closures `Fn(&[u8]) -> Option<BlockInfo>`.
@@ -551,12 +672,11 @@ impl DeviceStateHeader<'_> {
         out_need(out, DEVICE_STATE_HEADER_LEN)?;
         let out = &mut out[..DEVICE_STATE_HEADER_LEN];
         out.fill(0);
-        out[0..4].copy_from_slice(&MULTIFD_MAGIC.to_be_bytes());
-        out[4..8].copy_from_slice(&MULTIFD_VERSION.to_be_bytes());
-        out[8..12].copy_from_slice(&Flags::DEVICE_STATE.to_be_bytes());
-        put_name(&mut out[12..268], self.idstr)?;
-        out[268..272].copy_from_slice(&self.instance_id.to_be_bytes());
-        out[272..276].copy_from_slice(&self.next_packet_size.to_be_bytes());
+        put_magic_version(out);
+        put32(out, common::FLAGS, Flags::DEVICE_STATE);
+        put_name(&mut out[device_state::IDSTR..device_state::IDSTR + NAME_FIELD_LEN], self.idstr)?;
+        put32(out, device_state::INSTANCE_ID, self.instance_id);
+        put32(out, device_state::NEXT_PACKET_SIZE, self.next_packet_size);
         Ok(DEVICE_STATE_HEADER_LEN)
     }
 }
@@ -579,27 +699,32 @@ impl<'a> Packet<'a> {
         let flags = common.flags;
         if flags.is_device_state() {
             need(Field::DeviceStateHeader, buf, DEVICE_STATE_HEADER_LEN)?;
-            let next_packet_size = be32(buf, 272);
+            let next_packet_size = be32(buf, device_state::NEXT_PACKET_SIZE);
             if flags.0 != Flags::DEVICE_STATE {
                 return Err(DecodeError::DeviceStateFlags { flags: flags.0 });
             }
-            let idstr = name_field(Field::DeviceStateHeader, &buf[12..268])?;
+            let idstr =
+                name_field(Field::DeviceStateHeader, &buf[device_state::IDSTR..device_state::IDSTR + NAME_FIELD_LEN])?;
             if next_packet_size == 0 {
                 return Err(DecodeError::DeviceStateEmpty);
             }
             if cfg.device_state == DeviceStatePolicy::Refuse {
                 return Err(DecodeError::DeviceStateRefused { next_packet_size });
             }
-            return Ok(Packet::DeviceState(DeviceStateHeader { idstr, instance_id: be32(buf, 268), next_packet_size }));
+            return Ok(Packet::DeviceState(DeviceStateHeader {
+                idstr,
+                instance_id: be32(buf, device_state::INSTANCE_ID),
+                next_packet_size,
+            }));
         }
         let geo = cfg.geometry;
         let len = geo.header_len();
         need(Field::RamHeader, buf, len)?;
-        let pages_alloc = be32(buf, 12);
-        let normal = be32(buf, 16);
-        let next_packet_size = be32(buf, 20);
+        let pages_alloc = be32(buf, ram::PAGES_ALLOC);
+        let normal = be32(buf, ram::NORMAL_PAGES);
+        let next_packet_size = be32(buf, ram::NEXT_PACKET_SIZE);
         let zero = match cfg.layout {
-            Layout::V9_0 => be32(buf, 32),
+            Layout::V9_0 => be32(buf, ram::ZERO_PAGES),
             Layout::V7_2 => 0,
         };
         let page_count = geo.page_count();
@@ -628,17 +753,17 @@ impl<'a> Packet<'a> {
                 return Err(DecodeError::PayloadSizeMismatch { next_packet_size, normal, page_size: geo.page_size() });
             }
         }
-        let block = name_field(Field::BlockName, &buf[64..RAM_FIXED_LEN])?;
+        let block = name_field(Field::BlockName, &buf[ram::BLOCK..ram::BLOCK + NAME_FIELD_LEN])?;
         let header = RamHeader {
             flags,
             pages_alloc,
             normal_pages: normal,
             next_packet_size,
-            packet_num: be64(buf, 24),
+            packet_num: be64(buf, ram::PACKET_NUM),
             zero_pages: zero,
             block,
         };
-        Ok(Packet::Ram(RamPacket { header, offsets: Offsets { raw: &buf[RAM_FIXED_LEN..len] }, geometry: geo }))
+        Ok(Packet::Ram(RamPacket { header, offsets: Offsets { raw: &buf[ram::OFFSETS..len] }, geometry: geo }))
     }
 }
 
@@ -780,16 +905,16 @@ mod tests {
         .encode(&offs, GEO, Layout::V9_0, &mut b)
         .unwrap();
         let Packet::Ram(p) = Packet::decode(&b, &cfg()).unwrap() else { panic!() };
-        let info = BlockInfo { used_length: 0x4000, page_size: 4096 };
+        let info = BlockInfo { used_length: 0x4000, page_size: GEO };
         assert_eq!(p.check_pages(&|n: &[u8]| (n == b"m0").then_some(info)), Ok(Some(info)));
         // A smaller block: the 0x3000 page no longer fits.
-        let small = BlockInfo { used_length: 0x3fff, page_size: 4096 };
+        let small = BlockInfo { used_length: 0x3fff, page_size: GEO };
         assert_eq!(
             p.check_pages(&|_: &[u8]| Some(small)),
             Err(DecodeError::OffsetOutOfRange { index: 0, offset: 0x3000, page_size: 4096, used_length: 0x3fff })
         );
         let unknown = p.check_pages(&|_: &[u8]| None);
-        assert_eq!(unknown, Err(DecodeError::UnknownBlock { name: Name::new(b"m0") }));
+        assert_eq!(unknown, Err(DecodeError::UnknownBlock { name: BlockName::new(b"m0").unwrap() }));
     }
 
     #[test]
@@ -807,7 +932,7 @@ mod tests {
         .encode(&[0, u64::MAX - 4095], GEO, Layout::V9_0, &mut b)
         .unwrap();
         let Packet::Ram(p) = Packet::decode(&b, &cfg()).unwrap() else { panic!() };
-        let info = BlockInfo { used_length: u64::MAX, page_size: 4096 };
+        let info = BlockInfo { used_length: u64::MAX, page_size: GEO };
         assert_eq!(
             p.check_pages(&|_: &[u8]| Some(info)),
             Err(DecodeError::OffsetOutOfRange {

@@ -39,7 +39,7 @@
 //! assert_eq!(events, 2);
 //! ```
 
-use super::{EncodeError, MAIN_MAGIC, MAIN_VERSION, be32, be64};
+use super::{EncodeError, Geometry, MAIN_MAGIC, MAIN_VERSION, be32, be64};
 use core::fmt;
 
 /// RAM record flag: zero page (one fill byte follows, which must be 0).
@@ -85,16 +85,18 @@ pub const RAM_VERSION: u32 = 4;
 pub const MAX_MACHINE_NAME: u32 = 256;
 
 /// Parser configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct StreamConfig {
-    /// Target page size: the size of PAGE data and the mask separating flags from offsets.
-    pub page_size: u32,
+    /// Target page size: the size of PAGE data and the mask separating flags from offsets
+    /// (4 KiB by default).
+    pub geometry: Geometry,
 }
 
-impl Default for StreamConfig {
-    fn default() -> Self {
-        StreamConfig { page_size: 4096 }
+impl StreamConfig {
+    /// A configuration for `geometry`.
+    pub const fn new(geometry: Geometry) -> Self {
+        StreamConfig { geometry }
     }
 }
 
@@ -304,11 +306,6 @@ pub enum StreamError {
         /// Bytes the current item still needed.
         need: u64,
     },
-    /// The configured page size is not a power of two between 1 KiB and 512 KiB.
-    BadPageSize {
-        /// The configured page size.
-        page_size: u32,
-    },
 }
 
 impl fmt::Display for StreamError {
@@ -351,9 +348,6 @@ impl fmt::Display for StreamError {
             }
             StreamError::TrailingData { byte } => write!(f, "data after the end of the stream (byte {byte:#04x})"),
             StreamError::Truncated { need } => write!(f, "stream ends inside an item ({need} more bytes needed)"),
-            StreamError::BadPageSize { page_size } => {
-                write!(f, "page size {page_size} is not a power of two between 1 KiB and 512 KiB")
-            }
         }
     }
 }
@@ -476,7 +470,7 @@ impl StreamParser {
     /// Bytes the current item still needs (at least 1 until the stream is done).
     pub fn wants(&self) -> u64 {
         match self.state {
-            State::PageData { at, .. } => u64::from(self.cfg.page_size - at),
+            State::PageData { at, .. } => u64::from(self.cfg.geometry.page_size() - at),
             State::CommandData { left } => u64::from(left),
             State::VmDescData { left } => u64::from(left),
             State::SkipFixed { left, .. } => u64::from(left),
@@ -576,14 +570,12 @@ impl StreamParser {
     fn step_inner(&mut self, input: &[u8], base: usize) -> Result<(usize, Option<Pending>), StreamError> {
         match self.state {
             State::PageData { offset, at } => {
-                let left = (self.cfg.page_size - at) as usize;
+                let page_size = self.cfg.geometry.page_size();
+                let left = (page_size - at) as usize;
                 let n = left.min(input.len());
                 let next_at = at + n as u32;
-                self.state = if next_at == self.cfg.page_size {
-                    State::RamRecord
-                } else {
-                    State::PageData { offset, at: next_at }
-                };
+                self.state =
+                    if next_at == page_size { State::RamRecord } else { State::PageData { offset, at: next_at } };
                 return Ok((n, Some(Pending::PageData { offset, at, start: base, len: n })));
             }
             State::CommandData { left } => {
@@ -644,10 +636,8 @@ impl StreamParser {
     /// Processes a complete fixed-size item in `scratch`.
     fn process(&mut self) -> Result<Option<Pending>, StreamError> {
         let s = &self.scratch;
-        let page_size = self.cfg.page_size;
-        if !page_size.is_power_of_two() || !(1024..=512 * 1024).contains(&page_size) {
-            return Err(StreamError::BadPageSize { page_size });
-        }
+        // A power of two (Geometry's invariant), so `page_size - 1` masks the flag bits.
+        let page_size = self.cfg.geometry.page_size();
         let mut ev = None;
         self.state = match self.state {
             State::FileHeader => {

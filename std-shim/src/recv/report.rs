@@ -68,7 +68,7 @@ pub struct Failed {
     /// Why.
     pub error: Failure,
     /// What was received before.
-    pub report: Box<Report>,
+    pub report: Report,
 }
 
 impl fmt::Display for Failed {
@@ -84,7 +84,7 @@ impl std::error::Error for Failed {
 }
 
 /// What [`run_with`] returns.
-pub type Outcome = Result<Report, Failed>;
+pub type Outcome = Result<Report, Box<Failed>>;
 
 /// The outcome as one JSON-serialisable object: `status`, `error` (text or null), then the report.
 #[derive(Debug, Serialize)]

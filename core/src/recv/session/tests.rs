@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::bitmap::{AtomicWord, words_for};
-use crate::block::{AtomicRegion, AtomicU8, BlockSpec, PageSize, ZeroPagePolicy};
+use crate::block::{AtomicRegion, AtomicU8, BlockName, BlockSpec, ZeroPagePolicy};
 use crate::lifecycle::{Platform, WorkerExit};
 use crate::recv::Want;
 use crate::wire::stream::Record;
@@ -16,6 +16,10 @@ const PAGES: usize = 4;
 const UUID: [u8; 16] = [7; 16];
 
 type Session = RecvSession<(), RecvError, 4>;
+
+fn name(n: &[u8]) -> BlockName {
+    BlockName::new(n).unwrap()
+}
 
 fn geo() -> Geometry {
     Geometry::new(PS as u32).unwrap()
@@ -117,12 +121,7 @@ impl Guest {
 
 fn table<'a>(region: &'a AtomicRegion<'a>, words: &'a [AtomicWord]) -> BlockTable<'a, AtomicRegion<'a>, 2> {
     let mut t = BlockTable::new(ZeroPagePolicy::SkipUntouched);
-    let spec = BlockSpec {
-        name: b"m0",
-        used_len: (PAGES * PS) as u64,
-        page_size: PageSize::new(PS as u32).unwrap(),
-        memory_zeroed: true,
-    };
+    let spec = BlockSpec { name: b"m0", used_len: (PAGES * PS) as u64, page_size: geo(), memory_zeroed: true };
     t.add(&spec, region, words).unwrap();
     t
 }
@@ -207,7 +206,7 @@ fn a_missing_page_is_incomplete_and_names_the_block() {
     c0.extend(packet(0, &[0, PS as u64, 2 * PS as u64], 1));
     c0.extend(packet(Flags::SYNC, &[], 0));
     let e = migrate(&s, &main_bytes, &[c0]).unwrap_err();
-    assert_eq!(e, RecvError::Incomplete { block: Name::new(b"m0"), received: 3, pages: 4 });
+    assert_eq!(e, RecvError::Incomplete { block: name(b"m0"), received: 3, pages: 4 });
 }
 
 #[test]
@@ -349,16 +348,16 @@ fn block_list_entries_are_checked_as_they_arrive() {
     );
     assert_eq!(
         list_error(&[(b"a", ps), (b"a", ps)], u64::MAX),
-        bad(BlockListError::DuplicateBlock { block: Name::new(b"a") })
+        bad(BlockListError::DuplicateBlock { block: name(b"a") })
     );
     assert_eq!(
         list_error(&[(b"a", ps), (b"b", 2 * ps)], 2 * ps),
-        bad(BlockListError::TooMuchRam { block: Name::new(b"b"), size: 2 * ps, total: 3 * ps, limit: 2 * ps })
+        bad(BlockListError::TooMuchRam { block: name(b"b"), size: 2 * ps, total: 3 * ps, limit: 2 * ps })
     );
     assert_eq!(
         list_error(&[(b"a", ps + 1), (b"b", ps - 1)], u64::MAX),
         bad(BlockListError::BadBlock {
-            block: Name::new(b"a"),
+            block: name(b"a"),
             error: BlockError::BadUsedLength { used_len: ps + 1, page_size: PS as u32 }
         })
     );
@@ -380,14 +379,9 @@ fn the_block_list_ends_with_its_last_entry_and_the_table_must_match_it() {
     let g = Guest::new();
     let region = AtomicRegion::new(&g.mem[..PS]);
     let mut t: BlockTable<'_, AtomicRegion<'_>, 2> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
-    let spec = BlockSpec {
-        name: b"m0",
-        used_len: PS as u64,
-        page_size: PageSize::new(PS as u32).unwrap(),
-        memory_zeroed: true,
-    };
+    let spec = BlockSpec { name: b"m0", used_len: PS as u64, page_size: geo(), memory_zeroed: true };
     t.add(&spec, &region, &g.words).unwrap();
-    assert_eq!(main.start(&t), Err(RecvError::BlockList(BlockListError::TableMismatch { block: Name::new(b"m0") })));
+    assert_eq!(main.start(&t), Err(RecvError::BlockList(BlockListError::TableMismatch { block: name(b"m0") })));
     // Feeding before a successful start is refused too.
     assert_eq!(main.feed(&s, &bytes[head..], &t).unwrap_err(), RecvError::BlockList(BlockListError::NotComplete));
 }
