@@ -280,27 +280,28 @@ fn scenario_migration(c: &mut Checks) {
 /// Logs the RAM the core's engine state takes, for BENCHMARKS.md (4 channels, 4 blocks).
 fn log_state_sizes() {
     use core::mem::size_of;
-    use multifd_core::recv::{EpochBarrier, MainRecv, RecvChannel};
+    use multifd_core::recv::{MainStream, RecvChannel, RecvSession};
     use multifd_core::send::SendEngine;
-    use multifd_core::wire::{MAX_HEADER_LEN, MAX_PAGE_COUNT, StreamParser};
+    use multifd_core::wire::{MAX_HEADER_LEN, MAX_PAGE_COUNT};
     type Send4 = SendEngine<'static, crate::migration::Source, ChannelId, FwError, 4>;
-    type Coord4 = Coordinator<ChannelId, FwError, 4>;
+    type Session4 = RecvSession<ChannelId, FwError, 4>;
     type Table4 = TableSlot<'static, AtomicRegion<'static>, 4>;
     // Packet buffers: a send slot's batch (the next packet's offsets) and a receive channel's header.
     let send_batches = 4 * MAX_PAGE_COUNT * 8;
     let recv_headers = 4 * MAX_HEADER_LEN;
     let send = size_of::<Send4>();
-    let recv = 4 * size_of::<RecvChannel>() + size_of::<EpochBarrier>() + size_of::<MainRecv>() + size_of::<Coord4>();
+    let recv = 4 * size_of::<RecvChannel>() + size_of::<Session4>();
+    let main = size_of::<MainStream<4>>();
     defmt::info!(
-        "state bytes: send engine {=usize} (batches {=usize}), 4 recv channels + barrier + main + coordinator {=usize} (headers {=usize}), block table slot {=usize}, stream parser {=usize}",
+        "state bytes: send engine {=usize} (batches {=usize}), 4 recv channels + session {=usize} (headers {=usize}), block table slot {=usize}, main stream (parser, 4-block list) {=usize}",
         send,
         send_batches,
         recv,
         recv_headers,
         size_of::<Table4>(),
-        size_of::<StreamParser>()
+        main
     );
-    let engine_state = (send - send_batches) + (recv - recv_headers) + size_of::<Table4>() + size_of::<StreamParser>();
+    let engine_state = (send - send_batches) + (recv - recv_headers) + size_of::<Table4>() + main;
     defmt::info!("engine state for 4 channels and 4 blocks, packet buffers excluded: {=usize} bytes", engine_state);
 }
 

@@ -13,16 +13,15 @@ use core::cell::UnsafeCell;
 use heapless::Deque;
 use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{AtomicRegion, AtomicU8, BlockSpec, BlockTable, GuestMemory, TableSlot, ZeroPagePolicy};
-use multifd_core::lifecycle::{ChannelId, Coordinator, CoordinatorId, Platform, Wake, WorkerExit};
+use multifd_core::lifecycle::{ChannelId, ConfigError, CoordinatorId, Platform, Wake, WorkerExit};
 use multifd_core::lock::SpinLock;
-use multifd_core::recv::{EpochBarrier, MainAction, MainRecv, RecvChannel, RecvError, SyncMode};
+use multifd_core::recv::{Identity, MainStream, RecvChannel, RecvError, RecvSession, SessionConfig};
 use multifd_core::send::{
     MainSink, Notify, Precopy, PrecopyError, Quiescent, RoundStats, SendChannel, SendEngine, SourceBlocks, Step,
     precopy,
 };
-use multifd_core::wire::{
-    ChannelSet, Event, Geometry, InitPacket, Layout, PacketConfig, StreamConfig, StreamError, StreamParser,
-};
+use multifd_core::wire::packet::INIT_PACKET_LEN;
+use multifd_core::wire::{Geometry, Layout, PacketConfig};
 
 pub(crate) const PAGE: usize = 4096;
 /// Pages of the two blocks: 16 KiB and 8 KiB.
@@ -200,257 +199,212 @@ pub(crate) enum Fault {
     CorruptOffset,
 }
 
-/// Why the receiving side stopped.
+/// Why the receiving side stopped: the session's error, or a ring its reader cannot drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DestError {
-    Channel(RecvError),
-    Stream(StreamError),
-    Init,
-    UnknownBlock,
+    Recv(RecvError),
     Stuck,
+}
+
+impl From<RecvError> for DestError {
+    fn from(e: RecvError) -> Self {
+        DestError::Recv(e)
+    }
 }
 
 impl defmt::Format for DestError {
     fn format(&self, f: defmt::Formatter<'_>) {
         match self {
-            DestError::Channel(e) => defmt::write!(f, "channel: {}", defmt::Display2Format(e)),
-            DestError::Stream(e) => defmt::write!(f, "main stream: {}", defmt::Display2Format(e)),
-            DestError::Init => defmt::write!(f, "bad init packet"),
-            DestError::UnknownBlock => defmt::write!(f, "block list names an unknown block"),
+            DestError::Recv(e) => defmt::write!(f, "{}", defmt::Display2Format(e)),
             DestError::Stuck => defmt::write!(f, "a ring is full and its reader cannot move"),
         }
     }
 }
 
-/// One receiving channel: its ring, and its state once its init packet arrived.
-struct Incoming {
+/// The receive session: its lifecycle runs the receive workers, its first recorded error is the
+/// receiving side's.
+type Session = RecvSession<ChannelId, DestError, 4>;
+
+/// What the session found a connection to be.
+#[derive(Clone, Copy)]
+enum Role {
+    Unknown,
+    Main,
+    Channel(ChannelId),
+}
+
+/// One incoming connection: its ring and its role.
+struct Conn {
     ring: Deque<u8, RING>,
-    init: [u8; 64],
-    init_have: usize,
-    chan: Option<RecvChannel>,
-    /// Counted in at the epoch barrier for the SYNC it is parked at.
-    arrived: bool,
+    role: Role,
     /// Bytes to corrupt: (position in this ring's stream, xor mask).
     corrupt_at: Option<(usize, u8)>,
     seen: usize,
 }
 
-/// The receiving side: the channels' and the main stream's rings and engines.
-pub(crate) struct Dest {
-    chans: [Incoming; CHANNELS as usize],
-    ids: ChannelSet,
-    main_ring: Deque<u8, RING>,
-    parser: StreamParser,
-    main: MainRecv,
-    main_waiting: bool,
-    barrier: EpochBarrier,
-    blocks_checked: u8,
-    pub(crate) error: Option<DestError>,
-}
-
-impl Dest {
-    pub(crate) fn new(fault: Fault) -> Self {
-        let incoming = |corrupt_at| Incoming {
-            ring: Deque::new(),
-            init: [0; 64],
-            init_have: 0,
-            chan: None,
-            arrived: false,
-            corrupt_at,
-            seen: 0,
-        };
+impl Conn {
+    /// The connections, with `fault` set up: connection 0 gets what the main stream's sink writes,
+    /// connection 1 + c what send channel c writes.
+    fn all(fault: Fault) -> [Conn; 1 + CHANNELS as usize] {
         // Channel 0 carries its init packet (64 bytes), the setup SYNC packet (a header of 1344
         // bytes, no pages), then the first batch of block 0 (the cooperative schedule is
         // deterministic). Byte 320 of that header starts its first offset slot: setting bit 6 of the
         // top byte moves the offset far outside every block.
         let first_offset = 64 + geometry().header_len() + 320;
         let corrupt = if fault == Fault::CorruptOffset { Some((first_offset, 0x40)) } else { None };
-        Self {
-            chans: [incoming(corrupt), incoming(None)],
-            ids: ChannelSet::new(),
-            main_ring: Deque::new(),
-            parser: StreamParser::new(StreamConfig::new(geometry())),
-            main: MainRecv::new(SyncMode::Auto),
-            main_waiting: false,
-            barrier: EpochBarrier::new(CHANNELS),
-            blocks_checked: 0,
-            error: None,
+        let conn = |corrupt_at| Conn { ring: Deque::new(), role: Role::Unknown, corrupt_at, seen: 0 };
+        [conn(None), conn(corrupt), conn(None)]
+    }
+
+    /// Appends what fits of `bytes` to the ring (corrupting the chosen byte); returns how much.
+    fn fill(&mut self, bytes: &[u8]) -> usize {
+        let n = (RING - self.ring.len()).min(bytes.len());
+        for &b in &bytes[..n] {
+            let mask = match self.corrupt_at {
+                Some((at, mask)) if at == self.seen => mask,
+                _ => 0,
+            };
+            self.seen += 1;
+            // Room was checked above.
+            let _ = self.ring.push_back(b ^ mask);
         }
+        n
+    }
+}
+
+/// The receiving side: the connections' rings, driven through the receive session (which finds out
+/// from their first bytes which connection is what).
+pub(crate) struct Dest {
+    pub(crate) session: Session,
+    pub(crate) main: MainStream<4>,
+    conns: [Conn; 1 + CHANNELS as usize],
+    /// The channels' state machines, by channel id, once claimed from the session.
+    chans: [Option<RecvChannel>; CHANNELS as usize],
+    listed: bool,
+}
+
+impl Dest {
+    pub(crate) fn new(fault: Fault) -> Result<Self, ConfigError> {
+        let cfg = SessionConfig { uuid: Some(UUID), ..SessionConfig::new(CHANNELS, PacketConfig::new(geometry())) };
+        let session = Session::new(cfg)?;
+        let (conns, main) = (Conn::all(fault), MainStream::new(&session));
+        Ok(Self { session, main, conns, chans: [const { None }; CHANNELS as usize], listed: false })
+    }
+
+    /// The receiving side's first error, as recorded in the session's lifecycle.
+    pub(crate) fn error(&self) -> Option<DestError> {
+        self.session.lifecycle().error().copied()
+    }
+
+    fn fail(&self, e: DestError) {
+        self.session.lifecycle().record_error(&RecvWorkers, e);
     }
 
     /// Appends `bytes` to channel `ch`'s ring (`None`: the main stream's), stepping the receiver
     /// whenever the ring is full.
     pub(crate) fn push(&mut self, ch: Option<usize>, mut bytes: &[u8], table: &Table) -> Result<(), DestError> {
-        while !bytes.is_empty() {
-            if let Some(e) = self.error {
-                return Err(e);
-            }
-            let ring = match ch {
-                Some(c) => &mut self.chans[c].ring,
-                None => &mut self.main_ring,
-            };
-            let room = RING - ring.len();
-            let n = room.min(bytes.len());
-            for &b in &bytes[..n] {
-                let b = match ch {
-                    Some(c) => {
-                        let inc = &mut self.chans[c];
-                        let b = match inc.corrupt_at {
-                            Some((at, mask)) if at == inc.seen => b ^ mask,
-                            _ => b,
-                        };
-                        inc.seen += 1;
-                        b
-                    }
-                    None => b,
-                };
-                let ring = match ch {
-                    Some(c) => &mut self.chans[c].ring,
-                    None => &mut self.main_ring,
-                };
-                // Room was checked above.
-                let _ = ring.push_back(b);
-            }
-            bytes = &bytes[n..];
-            if !self.pump(table) && !bytes.is_empty() {
-                let full = match ch {
-                    Some(c) => self.chans[c].ring.len() == RING,
-                    None => self.main_ring.len() == RING,
-                };
-                if full {
-                    self.error = Some(DestError::Stuck);
-                }
+        let k = ch.map_or(0, |c| c + 1);
+        while !bytes.is_empty() && self.error().is_none() {
+            bytes = &bytes[self.conns[k].fill(bytes)..];
+            self.pump(table);
+            if !bytes.is_empty() && self.conns[k].ring.len() == RING {
+                // Pumped until nothing moved, and the ring is still full: its reader cannot move.
+                self.fail(DestError::Stuck);
             }
         }
         self.pump(table);
-        self.error.map_or(Ok(()), Err)
+        self.error().map_or(Ok(()), Err)
     }
 
-    /// Steps every receiver until nothing moves; returns whether anything did. Errors are kept in
-    /// `self.error` (the first one wins) and stop the pump.
-    pub(crate) fn pump(&mut self, table: &Table) -> bool {
-        let mut any = false;
-        while self.error.is_none() {
-            let mut moved = false;
-            for c in 0..CHANNELS as usize {
-                match self.step_channel(c, table) {
+    /// Steps every connection until nothing moves (the main stream last in each round, so that it
+    /// sees the round's SYNC arrivals). Errors are recorded in the session (the first one wins) and
+    /// stop the pump.
+    pub(crate) fn pump(&mut self, table: &Table) {
+        while self.error().is_none() {
+            let main_at = self.conns.iter().position(|c| matches!(c.role, Role::Main));
+            let (epochs, mut moved) = (self.session.epochs(), false);
+            for k in (0..self.conns.len()).filter(|&k| Some(k) != main_at).chain(main_at) {
+                match self.step(k, table) {
                     Ok(m) => moved |= m,
-                    Err(e) => self.error = Some(e),
+                    Err(e) => self.fail(e.into()),
                 }
             }
-            match self.step_main(table) {
-                Ok(m) => moved |= m,
-                Err(e) => self.error = self.error.or(Some(e)),
-            }
-            if !moved {
+            if !moved && self.session.epochs() == epochs {
                 break;
             }
-            any = true;
         }
-        any
     }
 
-    fn step_channel(&mut self, c: usize, table: &Table) -> Result<bool, DestError> {
-        let inc = &mut self.chans[c];
-        let Some(chan) = inc.chan.as_mut() else {
-            // The init packet first: it names the channel.
-            let mut moved = false;
-            while inc.init_have < 64 {
-                let Some(b) = inc.ring.pop_front() else { break };
-                inc.init[inc.init_have] = b;
-                inc.init_have += 1;
-                moved = true;
+    /// Moves connection `k`'s ring bytes into the session; returns whether anything moved.
+    fn step(&mut self, k: usize, table: &Table) -> Result<bool, RecvError> {
+        let (s, conn) = (&self.session, &mut self.conns[k]);
+        let mut moved = false;
+        let used = match conn.role {
+            Role::Unknown => {
+                let mut start = [0u8; INIT_PACKET_LEN];
+                let have = conn.ring.iter().zip(&mut start).map(|(b, d)| *d = *b).count();
+                let (role, used) = match s.identify(&start[..have])? {
+                    Identity::NeedMore { .. } => return Ok(false),
+                    Identity::Main => (Role::Main, 0),
+                    Identity::Channel(id) => {
+                        let slot = self.chans.get_mut(id.index()).ok_or(RecvError::ChannelClaim { channel: id })?;
+                        *slot = Some(s.channel(id)?);
+                        (Role::Channel(id), INIT_PACKET_LEN)
+                    }
+                };
+                (conn.role, moved) = (role, true);
+                used
             }
-            if inc.init_have == 64 {
-                let init = InitPacket::decode(&inc.init).map_err(|_| DestError::Init)?;
-                init.validate(CHANNELS, Some(UUID)).map_err(|_| DestError::Init)?;
-                self.ids.insert(init.id).map_err(|_| DestError::Init)?;
-                inc.chan = Some(RecvChannel::new(ChannelId(init.id), PacketConfig::new(geometry())));
-                return Ok(true);
+            Role::Main if !self.listed => {
+                let step = self.main.read_block_list(s, conn.ring.as_slices().0)?;
+                if step.complete {
+                    // The destination's blocks are fixed arenas: the declared list must be them.
+                    self.main.start(table)?;
+                    self.listed = true;
+                }
+                step.used
             }
-            return Ok(moved);
+            Role::Main => self.main.feed(s, conn.ring.as_slices().0, table)?.used,
+            Role::Channel(id) => {
+                let Some(ch) = self.chans.get_mut(id.index()).and_then(Option::as_mut) else { return Ok(false) };
+                moved = ch.is_parked();
+                if !s.poll_sync(ch) {
+                    return Ok(false);
+                }
+                ch.receive_bytes(conn.ring.as_slices().0, table)?
+            }
         };
-        if chan.is_parked() {
-            if !inc.arrived {
-                self.barrier.arrive();
-                inc.arrived = true;
-                return Ok(true);
-            }
-            if self.barrier.is_released(chan.stats().syncs) {
-                chan.synced();
-                inc.arrived = false;
-                return Ok(true);
-            }
-            return Ok(false);
-        }
-        let (front, _) = inc.ring.as_slices();
-        if front.is_empty() {
-            return Ok(false);
-        }
-        let used = chan.receive_bytes(front, table).map_err(DestError::Channel)?;
         for _ in 0..used {
-            inc.ring.pop_front();
+            conn.ring.pop_front();
         }
-        Ok(used > 0)
+        Ok(used > 0 || moved)
     }
 
-    fn step_main(&mut self, table: &Table) -> Result<bool, DestError> {
-        if self.main_waiting {
-            return match self.barrier.try_release() {
-                Ok(Some(_)) => {
-                    self.main_waiting = false;
-                    Ok(true)
+    /// Every sender has closed its connection: ends each stream in the session (a channel cleanly
+    /// at a packet boundary, the main stream after its EOF), then checks that every channel ended.
+    pub(crate) fn close(&mut self, table: &Table) {
+        self.pump(table);
+        let s = &self.session;
+        for conn in &self.conns {
+            let clean = s.lifecycle().error().is_none();
+            let failed = match conn.role {
+                Role::Channel(id) => {
+                    if let Some(ch) = self.chans.get_mut(id.index()).and_then(Option::take) {
+                        s.channel_done(&RecvWorkers, &ch, clean);
+                    }
+                    None
                 }
-                Ok(None) => Ok(false),
-                Err(e) => Err(DestError::Channel(RecvError::Epoch(e))),
+                Role::Main if clean => self.main.end().err(),
+                Role::Unknown if clean && !conn.ring.is_empty() => Some(s.closed_unidentified(conn.ring.len())),
+                _ => None,
             };
-        }
-        let (front, _) = self.main_ring.as_slices();
-        if front.is_empty() {
-            return Ok(false);
-        }
-        let (used, event) = self.parser.feed(front).map_err(DestError::Stream)?;
-        let mut action = MainAction::Continue;
-        if let Some(ev) = event {
-            if let Event::BlockDeclared { name, used_length } = ev {
-                // The destination's blocks are fixed arenas: the source must declare exactly them.
-                match table.find(name) {
-                    Some((_, b)) if b.used_len() as u64 == used_length => self.blocks_checked += 1,
-                    _ => return Err(DestError::UnknownBlock),
-                }
+            if let Some(e) = failed {
+                s.lifecycle().record_error(&RecvWorkers, e.into());
             }
-            action = self.main.on_event(&ev, table).map_err(DestError::Channel)?;
         }
-        for _ in 0..used {
-            self.main_ring.pop_front();
+        if let (None, Err(e)) = (self.error(), self.main.poll_channels(&self.session)) {
+            self.fail(e.into());
         }
-        if action == MainAction::Marker {
-            self.main_waiting = true;
-        }
-        Ok(used > 0)
-    }
-
-    /// Whether the migration ended as a complete one: EOF on the main stream, every channel at a
-    /// packet boundary, every epoch paired, both blocks declared.
-    pub(crate) fn completed(&self) -> bool {
-        self.error.is_none()
-            && self.main.saw_eof()
-            && self.parser.finish().is_ok()
-            && self.blocks_checked == 2
-            && self.chans.iter().all(|i| {
-                i.ring.is_empty()
-                    && i.chan
-                        .as_ref()
-                        .is_some_and(|c| c.finish().is_ok() && c.stats().syncs == self.main.stats().markers)
-            })
-    }
-
-    pub(crate) fn epochs(&self) -> u32 {
-        self.barrier.released()
-    }
-
-    pub(crate) fn packets(&self) -> u64 {
-        self.chans.iter().filter_map(|i| i.chan.as_ref()).map(|c| c.stats().packets).sum()
     }
 }
 
@@ -609,7 +563,8 @@ pub(crate) struct Outcome {
     pub(crate) offset_error: bool,
 }
 
-/// The receive side's workers are stepped by the pump; this platform only gives them a lifecycle.
+/// The receive side's workers are stepped by the pump; this platform only gives them a lifecycle
+/// (in the session's coordinator).
 struct RecvWorkers;
 
 impl Wake for RecvWorkers {
@@ -618,8 +573,8 @@ impl Wake for RecvWorkers {
 
 impl Platform for RecvWorkers {
     type Handle = ChannelId;
-    type Error = MigError;
-    fn start(&self, channel: ChannelId) -> Result<ChannelId, MigError> {
+    type Error = DestError;
+    fn start(&self, channel: ChannelId) -> Result<ChannelId, DestError> {
         Ok(channel)
     }
     fn join(&self, _channel: ChannelId, _handle: ChannelId) -> WorkerExit {
@@ -645,17 +600,13 @@ pub(crate) fn run(source: &Source, fault: Fault) -> Outcome {
         all_bits: false,
         offset_error: false,
     };
-    let recv_coord: Coordinator<ChannelId, MigError, 4> = match Coordinator::new(CHANNELS) {
-        Ok(c) => c,
-        Err(_) => return out,
-    };
-    if !install_dest(regions, recv_coord.id()) {
+    let Ok(dest) = Dest::new(fault).map(SpinLock::new) else { return out };
+    if !install_dest(regions, dest.lock(|d| d.session.lifecycle().id())) {
         return out;
     }
-    let _ = recv_coord.create_all(&RecvWorkers, |_| Ok(()));
+    let _ = dest.lock(|d| d.session.lifecycle().create_all(&RecvWorkers, |_| Ok(())));
     let Ok(lease) = DEST_TABLE.lease() else { return out };
     lease.with(|table| {
-        let dest = SpinLock::new(Dest::new(fault));
         let Ok(engine) = Engine::new(CHANNELS, source, geometry(), Layout::V9_0) else { return };
         let coop = Coop {
             engine: &engine,
@@ -681,23 +632,31 @@ pub(crate) fn run(source: &Source, fault: Fault) -> Outcome {
             out.sent_ok = sent.is_ok();
         }
         out.send_joined = engine.lifecycle().cleanup(&coop).map(|t| t.report().joined).unwrap_or(0);
-        dest.lock(|d| {
-            d.pump(table);
-            out.completed = d.completed();
-            out.dest_error = d.error.is_some();
-            if let Some(e) = d.error {
-                defmt::warn!("destination stopped: {}", e);
-                out.offset_error = is_offset_error(&e);
-            }
-            out.epochs = d.epochs();
-            out.packets = d.packets();
-        });
+        dest.lock(|d| d.close(table));
         out.all_bits = table.iter().all(|(_, b)| b.bitmap().count() == b.pages());
     });
     drop(lease);
-    out.released_early = DEST_TABLE.release_after(&recv_coord).is_ok();
-    out.recv_joined = recv_coord.cleanup(&RecvWorkers).map(|t| t.report().joined).unwrap_or(0);
-    out.released_after = DEST_TABLE.release_after(&recv_coord).is_ok();
+    dest.lock(|d| {
+        let lifecycle = d.session.lifecycle();
+        out.released_early = DEST_TABLE.release_after(lifecycle).is_ok();
+        let joined = lifecycle.cleanup(&RecvWorkers);
+        out.recv_joined = joined.as_ref().map(|t| t.report().joined).unwrap_or(0);
+        // The completion checks read the table: a lease of their own, given back before the release.
+        if let (Ok(joined), Ok(lease)) = (&joined, DEST_TABLE.lease()) {
+            match lease.with(|table| d.session.finish(joined, &d.main, table)) {
+                Ok(_) => out.completed = true,
+                Err(e) => defmt::info!("destination incomplete: {}", defmt::Display2Format(&e)),
+            }
+        }
+        if let Some(e) = d.error() {
+            defmt::warn!("destination stopped: {}", e);
+            out.dest_error = true;
+            out.offset_error = is_offset_error(&e);
+        }
+        let totals = d.session.totals(&d.main);
+        (out.epochs, out.packets) = (totals.epochs, totals.packets);
+        out.released_after = DEST_TABLE.release_after(lifecycle).is_ok();
+    });
     out
 }
 
@@ -718,7 +677,7 @@ fn is_offset_error(e: &DestError) -> bool {
     use multifd_core::wire::DecodeError;
     matches!(
         e,
-        DestError::Channel(
+        DestError::Recv(
             RecvError::Block { error: BlockError::OffsetOutOfRange { .. }, .. }
                 | RecvError::Packet { error: DecodeError::OffsetOutOfRange { .. }, .. }
         )

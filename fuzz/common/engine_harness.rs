@@ -1,10 +1,12 @@
-//! A single-threaded model of a whole receiving migration, driving the core's receive engine the way
-//! `multifd recv` does (init packet check, [`RecvChannel`] per channel, [`MainRecv`] and the
-//! [`EpochBarrier`] through its non-blocking halves), but over byte streams handed in by the caller
-//! in arbitrary pieces and interleavings instead of sockets.
+//! A single-threaded model of a whole receiving migration, driving the core's receive session
+//! ([`RecvSession`], [`MainStream`]) cooperatively, as the firmware does and as `multifd recv` does
+//! with threads: every connection is identified by the session from its first bytes, the main
+//! stream's block list is checked against the block table, epochs, ends and the completion checks
+//! are the session's. The byte streams are handed in by the caller in arbitrary pieces and
+//! interleavings instead of arriving on sockets.
 //!
-//! Shared by the `recv_engine` fuzz target (fuzz/fuzz_targets/recv_engine.rs) and the malformed-corpus
-//! test (tests/tests/malformed_corpus.rs), which includes this file with `#[path]`.
+//! Shared by the `recv_engine` and `recv_session` fuzz targets (fuzz/fuzz_targets/) and the
+//! malformed-corpus test (tests/tests/malformed_corpus.rs), which includes this file with `#[path]`.
 //!
 //! Guest memory is one arena of atomic bytes holding every block, with guard bytes before, between
 //! and after the blocks (and after each block's used length). The harness itself checks the
@@ -13,10 +15,10 @@
 //! - every page the engine asks for is inside its block, page-aligned, at most one page long;
 //! - after the run every guard byte still holds [`GUARD`];
 //! - an error that names a channel names the channel it came from; `Overrun` (a harness bug) never
-//!   happens.
+//!   happens; every error has a non-empty message.
 //!
-//! Stream 0 is the main stream; streams 1..=N are the multifd connections in connection order (the
-//! channel id comes from each one's init packet, as in the real receiver).
+//! Streams are connections in connection order; the session decides from their first bytes which
+//! one is the main stream (usually stream 0) and which channel each other one is (its init packet).
 #![allow(dead_code, unreachable_pub)]
 // `RecvError` carries whole block names (see `multifd_core::block::BlockName`), so its results are large.
 #![allow(clippy::result_large_err)]
@@ -27,15 +29,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
-use multifd_core::lifecycle::ChannelId;
+use multifd_core::lifecycle::{ChannelId, Platform, Wake, WorkerExit};
 use multifd_core::recv::{
-    EpochBarrier, EpochError, MainAction, MainRecv, PageRange, RecvChannel, RecvError, SyncMode, Want,
+    Identity, MainState, MainStream, PageRange, RecvChannel, RecvError, RecvSession, SessionConfig, Want,
 };
 use multifd_core::wire::packet::INIT_PACKET_LEN;
-use multifd_core::wire::stream::{StreamConfig, StreamParser};
-use multifd_core::wire::{
-    ChannelKind, ChannelSet, DecodeError, Geometry, InitPacket, Layout, PacketConfig, identify_channel,
-};
+use multifd_core::wire::{Geometry, Layout, PacketConfig};
 
 /// The value of every guard byte.
 pub const GUARD: u8 = 0xA5;
@@ -81,64 +80,33 @@ pub enum Op<'a> {
     },
 }
 
-/// Why the modelled migration failed: the first failure, as `multifd recv` reports it.
+/// Why the modelled migration failed: the first failure, as the session reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fail {
-    /// A connection's init packet (or first bytes) was refused.
-    Handshake {
+    /// A connection was refused before it was identified: its first bytes or its init packet, or it
+    /// closed first.
+    Connection {
         /// Stream index.
         stream: usize,
         /// Why.
-        error: DecodeError,
+        error: RecvError,
     },
-    /// A multifd connection began with the main stream's magic.
-    DuplicateMain {
-        /// Stream index.
-        stream: usize,
-    },
-    /// A connection ended before its init packet was complete.
-    ClosedEarly {
-        /// Stream index.
-        stream: usize,
-        /// Bytes it sent.
-        have: usize,
-    },
-    /// The engine refused the input.
-    Engine(RecvError),
-    /// The main stream ended without EOF.
-    MainNoEof,
-    /// A channel stayed parked at a SYNC no marker released.
-    SyncWithoutMarker {
-        /// The channel.
-        channel: ChannelId,
-        /// Markers the main stream had.
-        markers: u32,
-    },
-    /// Pages of a block were never received.
-    Incomplete {
-        /// Block index.
-        block: usize,
-        /// Pages received.
-        received: usize,
-        /// Pages in the block.
-        pages: usize,
-    },
+    /// The session refused the migration (a channel, the main stream, an epoch, or a completion
+    /// check).
+    Session(RecvError),
+}
+
+impl From<RecvError> for Fail {
+    fn from(e: RecvError) -> Self {
+        Fail::Session(e)
+    }
 }
 
 impl fmt::Display for Fail {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Fail::Handshake { stream, error } => write!(f, "connection {stream}: {error}"),
-            Fail::DuplicateMain { stream } => write!(f, "connection {stream}: a second main stream"),
-            Fail::ClosedEarly { stream, have } => write!(f, "connection {stream}: closed after {have} bytes"),
-            Fail::Engine(e) => write!(f, "{e}"),
-            Fail::MainNoEof => write!(f, "main stream: ended without EOF"),
-            Fail::SyncWithoutMarker { channel, markers } => {
-                write!(f, "{channel}: parked at a SYNC after {markers} markers")
-            }
-            Fail::Incomplete { block, received, pages } => {
-                write!(f, "block {block}: {received} of {pages} pages received")
-            }
+            Fail::Connection { stream, error } => write!(f, "connection {stream}: {error}"),
+            Fail::Session(e) => write!(f, "{e}"),
         }
     }
 }
@@ -193,33 +161,25 @@ impl GuestMemory for View<'_> {
     }
 }
 
-enum ChanState {
-    /// Collecting the init packet.
-    Init {
-        buf: [u8; INIT_PACKET_LEN],
-        have: usize,
-    },
-    Running(Box<RecvChannel>),
-    Done,
+/// The receive workers run inline, stepped by the model; this platform only gives them a lifecycle.
+struct Inline;
+
+impl Wake for Inline {
+    fn wake(&self, _: ChannelId) {}
 }
 
-struct Conn<'d> {
-    state: ChanState,
-    queue: VecDeque<(&'d [u8], bool)>,
-    eof: bool,
-    /// Parked at this epoch (arrived, not yet released).
-    parked: Option<u32>,
+impl Platform for Inline {
+    type Handle = ();
+    type Error = Fail;
+    fn start(&self, _: ChannelId) -> Result<(), Fail> {
+        Ok(())
+    }
+    fn join(&self, _: ChannelId, _: ()) -> WorkerExit {
+        WorkerExit::Returned
+    }
 }
 
-struct Main<'d> {
-    parser: StreamParser,
-    recv: MainRecv,
-    queue: VecDeque<&'d [u8]>,
-    eof: bool,
-    done: bool,
-    at_marker: bool,
-}
-
+type Session = RecvSession<(), Fail, 4>;
 type Table<'a> = BlockTable<'a, View<'a>, 4>;
 
 /// Runs the migration `ops` describe; after the last op every stream ends. Panics if an invariant
@@ -254,59 +214,9 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
         table.add(&spec, &views[i], &words[i]).expect("harness block table");
     }
 
-    let mut m = Model {
-        setup,
-        cfg: PacketConfig { layout: setup.layout, ..PacketConfig::new(geometry) },
-        table: &table,
-        barrier: EpochBarrier::new(setup.channels),
-        seen: ChannelSet::new(),
-        main: Main {
-            parser: StreamParser::new(StreamConfig::new(geometry)),
-            recv: MainRecv::new(SyncMode::Auto),
-            queue: VecDeque::new(),
-            eof: false,
-            done: false,
-            at_marker: false,
-        },
-        conns: (0..setup.channels)
-            .map(|_| Conn {
-                state: ChanState::Init { buf: [0; INIT_PACKET_LEN], have: 0 },
-                queue: VecDeque::new(),
-                eof: false,
-                parked: None,
-            })
-            .collect(),
-    };
-    let mut result = Ok(());
-    for op in ops {
-        match *op {
-            Op::Data { stream: 0, bytes, .. } => m.main.queue.push_back(bytes),
-            Op::Data { stream, bytes, vectored } => {
-                if let Some(c) = m.conns.get_mut(stream - 1) {
-                    c.queue.push_back((bytes, vectored));
-                }
-            }
-            Op::End { stream: 0 } => m.main.eof = true,
-            Op::End { stream } => {
-                if let Some(c) = m.conns.get_mut(stream - 1) {
-                    c.eof = true;
-                }
-            }
-        }
-        result = m.pump();
-        if result.is_err() {
-            break;
-        }
-    }
-    if result.is_ok() {
-        m.main.eof = true;
-        for c in &mut m.conns {
-            c.eof = true;
-        }
-        result = m.pump().and_then(|()| m.finish());
-    }
-    let epochs = m.barrier.released();
-    drop(m);
+    let packet = PacketConfig { layout: setup.layout, ..PacketConfig::new(geometry) };
+    let cfg = SessionConfig { uuid: setup.uuid, ..SessionConfig::new(setup.channels, packet) };
+    let (result, epochs) = drive(cfg, &table, ops);
     // No byte outside the blocks' used lengths changed: check the gaps between the used ranges.
     let used: Vec<(usize, usize)> =
         setup.blocks.iter().enumerate().map(|(k, (_, p))| (layout[k], layout[k] + p * ps)).collect();
@@ -325,250 +235,179 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
         .enumerate()
         .map(|(k, (_, p))| arena[layout[k]..layout[k] + p * ps].iter().map(|b| b.load(Ordering::Relaxed)).collect())
         .collect();
+    if let Err(e) = &result {
+        assert!(!e.to_string().is_empty(), "an error without a message: {e:?}");
+    }
     Outcome { result, epochs, memory }
 }
 
-struct Model<'s, 'd, 't> {
-    setup: &'s Setup,
-    cfg: PacketConfig,
-    table: &'t Table<'t>,
-    barrier: EpochBarrier,
-    seen: ChannelSet,
-    main: Main<'d>,
-    conns: Vec<Conn<'d>>,
-}
-
-/// Checks that an engine error raised while feeding channel `id` names that channel.
-fn check_channel_error(e: &RecvError, id: ChannelId) {
+/// Checks that an error raised while feeding channel `id` (or recorded when it ended) names that
+/// channel, and that no `Overrun` (a harness bug) happens.
+fn check_channel_error(e: &Fail, id: ChannelId) {
     match *e {
-        RecvError::Packet { channel, .. } | RecvError::Block { channel, .. } | RecvError::Truncated { channel, .. } => {
+        Fail::Session(
+            RecvError::Packet { channel, .. } | RecvError::Block { channel, .. } | RecvError::Truncated { channel, .. },
+        ) => {
             assert_eq!(channel, id, "error names another channel: {e}");
         }
-        RecvError::Overrun { .. } => panic!("the harness advanced more than was wanted: {e}"),
+        Fail::Session(RecvError::Overrun { .. }) => panic!("the harness advanced more than was wanted: {e}"),
         _ => {}
     }
-    assert!(!e.to_string().is_empty());
 }
 
-impl Model<'_, '_, '_> {
-    /// Runs every stream as far as its queued bytes and the barrier allow.
-    fn pump(&mut self) -> Result<(), Fail> {
-        loop {
-            let mut progress = self.pump_main()?;
-            for i in 0..self.conns.len() {
-                progress |= self.pump_conn(i)?;
-            }
-            if !progress {
-                return Ok(());
-            }
-        }
-    }
-
-    fn pump_main(&mut self) -> Result<bool, Fail> {
-        let mut progress = false;
-        let main = &mut self.main;
-        while !main.done {
-            if main.at_marker {
-                match self.barrier.try_release() {
-                    Ok(Some(_)) => main.at_marker = false,
-                    Ok(None) => return Ok(progress),
-                    Err(e) => return Err(Fail::Engine(RecvError::Epoch(e))),
-                }
-                progress = true;
-                continue;
-            }
-            let Some(front) = main.queue.front_mut() else {
-                if main.eof {
-                    main.done = true;
-                    progress = true;
-                    main.parser.finish().map_err(|error| {
-                        Fail::Engine(RecvError::MainStream { position: main.parser.position(), error })
-                    })?;
-                }
-                return Ok(progress);
-            };
-            if front.is_empty() {
-                main.queue.pop_front();
-                continue;
-            }
-            let data = *front;
-            let item = main.parser.item_position();
-            let (used, ev) = main
-                .parser
-                .feed(data)
-                .map_err(|error| Fail::Engine(RecvError::MainStream { position: item, error }))?;
-            assert!(used > 0 && used <= data.len(), "the main-stream parser made no progress");
-            *front = &data[used..];
-            progress = true;
-            if let Some(ev) = ev {
-                match main.recv.on_event(&ev, self.table).map_err(Fail::Engine)? {
-                    MainAction::Marker => main.at_marker = true,
-                    MainAction::Continue | MainAction::Eof => {}
-                }
-            }
-        }
-        Ok(progress)
-    }
-
-    fn pump_conn(&mut self, i: usize) -> Result<bool, Fail> {
-        let stream = i + 1;
-        let mut progress = false;
-        loop {
-            let conn = &mut self.conns[i];
-            while conn.queue.front().is_some_and(|f| f.0.is_empty()) {
-                conn.queue.pop_front();
-            }
-            match &mut conn.state {
-                ChanState::Done => return Ok(progress),
-                ChanState::Init { buf, have } => {
-                    let Some((front, _)) = conn.queue.front_mut() else {
-                        if conn.eof {
-                            return Err(Fail::ClosedEarly { stream, have: *have });
-                        }
-                        return Ok(progress);
-                    };
-                    let n = front.len().min(INIT_PACKET_LEN - *have);
-                    buf[*have..*have + n].copy_from_slice(&front[..n]);
-                    *front = &front[n..];
-                    if front.is_empty() {
-                        conn.queue.pop_front();
-                    }
-                    let before = *have;
-                    *have += n;
-                    progress |= n > 0;
-                    if before < 4 && *have >= 4 {
-                        let first = [buf[0], buf[1], buf[2], buf[3]];
-                        match identify_channel(first).map_err(|error| Fail::Handshake { stream, error })? {
-                            ChannelKind::Main => return Err(Fail::DuplicateMain { stream }),
-                            ChannelKind::Multifd => {}
-                        }
-                    }
-                    if *have == INIT_PACKET_LEN {
-                        let p = InitPacket::decode(&buf[..]).map_err(|error| Fail::Handshake { stream, error })?;
-                        p.validate(self.setup.channels, self.setup.uuid)
-                            .map_err(|error| Fail::Handshake { stream, error })?;
-                        self.seen.insert(p.id).map_err(|error| Fail::Handshake { stream, error })?;
-                        conn.state = ChanState::Running(Box::new(RecvChannel::new(ChannelId(p.id), self.cfg)));
-                    }
-                }
-                ChanState::Running(ch) => {
-                    let id = ch.id();
-                    if let Some(epoch) = conn.parked {
-                        if !self.barrier.is_released(epoch) {
-                            return Ok(progress);
-                        }
-                        ch.synced();
-                        conn.parked = None;
-                        progress = true;
-                        continue;
-                    }
-                    if matches!(ch.want(), Want::Sync) {
-                        self.barrier.arrive();
-                        conn.parked = Some(ch.stats().syncs);
-                        progress = true;
-                        continue;
-                    }
-                    let Some((front, vectored)) = conn.queue.front_mut() else {
-                        if conn.eof {
-                            let end = ch.finish();
-                            conn.state = ChanState::Done;
-                            self.barrier.channel_ended();
-                            if let Err(e) = end {
-                                check_channel_error(&e, id);
-                                return Err(Fail::Engine(e));
-                            }
-                            return Ok(true);
-                        }
-                        return Ok(progress);
-                    };
-                    let before = ch.stats().bytes;
-                    let used = feed(ch, front, *vectored, self.table, self.setup.page_size as usize);
-                    if let Err(e) = &used {
-                        check_channel_error(e, id);
-                    }
-                    let used = used.map_err(Fail::Engine)?;
-                    assert_eq!(ch.stats().bytes - before, used as u64, "bytes consumed and counted differ");
-                    *front = &front[used..];
-                    if front.is_empty() {
-                        conn.queue.pop_front();
-                    }
-                    progress |= used > 0;
-                }
-            }
-        }
-    }
-
-    /// The end checks of `multifd recv` once every stream has ended without an error.
-    fn finish(&mut self) -> Result<(), Fail> {
-        let markers = self.main.recv.stats().markers;
-        for c in &self.conns {
-            if let (ChanState::Running(ch), Some(_)) = (&c.state, c.parked) {
-                return Err(Fail::SyncWithoutMarker { channel: ch.id(), markers });
-            }
-        }
-        if !self.main.recv.saw_eof() {
-            return Err(Fail::MainNoEof);
-        }
-        for c in &self.conns {
-            if let ChanState::Running(ch) = &c.state
-                && ch.stats().syncs != markers
-            {
-                let e = EpochError::Unpaired { channel: ch.id(), syncs: ch.stats().syncs, markers };
-                return Err(Fail::Engine(RecvError::Epoch(e)));
-            }
-        }
-        for (k, (_, b)) in self.table.iter().enumerate() {
-            if b.bitmap().count() != b.pages() {
-                return Err(Fail::Incomplete { block: k, received: b.bitmap().count(), pages: b.pages() });
-            }
-        }
-        Ok(())
+/// Checks one read of page data: the ranges to read into (the first is the page `Want::Page` asked
+/// for, `asked` at `page`) are inside their blocks, at most one page each, and end at a page's end.
+fn check_pages(table: &Table<'_>, asked: PageRange, page: usize, ranges: &[PageRange], ps: usize) {
+    assert_eq!(asked.offset / ps, page, "page request offset {} is not in page {page}", asked.offset);
+    assert!(ranges.first() == Some(&asked), "pending_pages does not start with the wanted page: {ranges:?}");
+    for r in ranges {
+        let b = table.get(r.block).expect("the engine named a block of the table");
+        assert!(r.len > 0 && r.len <= ps, "page request of {} bytes", r.len);
+        assert!(r.offset + r.len <= b.used_len(), "page request {r:?} outside {} bytes", b.used_len());
+        assert_eq!((r.offset + r.len) % ps, 0, "page request {r:?} does not end at its page's end");
     }
 }
 
-/// Feeds the front of `input` to `ch` as one read: what the channel wants next, at most. Returns the
-/// bytes used (0 only when the channel parks at a SYNC).
-fn feed(ch: &mut RecvChannel, input: &[u8], vectored: bool, table: &Table<'_>, ps: usize) -> Result<usize, RecvError> {
+// ---------------------------------------------------------------------------------------------
+// The receive driver: moves the connections' bytes into the session.
+
+/// What the session found a connection to be.
+enum Role {
+    Unknown,
+    /// The main stream; `true` once its block list is complete and matched the table.
+    Main(bool),
+    Channel(Box<RecvChannel>),
+    Done,
+}
+
+/// A connection: what arrived and was not read yet, whether page data is read vectored, its end.
+struct Conn {
+    role: Role,
+    bytes: VecDeque<u8>,
+    vectored: bool,
+    eof: bool,
+}
+
+struct Model<'t> {
+    s: &'t Session,
+    table: &'t Table<'t>,
+    main: MainStream<4>,
+    conns: Vec<Conn>,
+}
+
+/// Runs `ops` through a session for `cfg` into `table`, then every stream ends; returns the first
+/// failure (or what the completion checks say) and the epochs released.
+fn drive(cfg: SessionConfig, table: &Table<'_>, ops: &[Op<'_>]) -> (Result<(), Fail>, u32) {
+    let s = Session::new(cfg).expect("harness channel count");
+    s.lifecycle().create_all(&Inline, |_| Ok(())).expect("harness lifecycle");
+    let conn = |_| Conn { role: Role::Unknown, bytes: VecDeque::new(), vectored: false, eof: false };
+    let mut m = Model { s: &s, table, main: MainStream::new(&s), conns: Vec::new() };
+    m.conns = (0..=cfg.channels).map(conn).collect();
+    let ends: Vec<Op<'_>> = (0..m.conns.len()).map(|stream| Op::End { stream }).collect();
+    for op in ops.iter().chain(&ends) {
+        let (Op::Data { stream, .. } | Op::End { stream }) = *op;
+        let Some(c) = m.conns.get_mut(stream) else { continue };
+        match *op {
+            Op::Data { bytes, vectored, .. } => (c.vectored, ()) = (vectored, c.bytes.extend(bytes)),
+            Op::End { .. } => c.eof = true,
+        }
+        m.pump();
+    }
+    let joined = s.lifecycle().cleanup(&Inline).expect("harness cleanup");
+    let finished = s.finish(&joined, &m.main, table).map(drop).map_err(Fail::Session);
+    // After a recorded error `finish` only says the migration was terminated: report that error.
+    (s.lifecycle().error().map_or(finished, |e| Err(*e)), s.epochs())
+}
+
+impl Model<'_> {
+    /// Steps every connection until nothing moves (the main stream last in each round, so that it
+    /// sees the round's SYNC arrivals); the first error is recorded in the session.
+    fn pump(&mut self) {
+        while self.s.lifecycle().error().is_none() {
+            let main_at = self.conns.iter().position(|c| matches!(c.role, Role::Main(_)));
+            let (epochs, mut moved) = (self.s.epochs(), false);
+            for i in (0..self.conns.len()).filter(|&i| Some(i) != main_at).chain(main_at) {
+                moved |= self.step(i).map_err(|e| self.s.lifecycle().record_error(&Inline, e)).unwrap_or(false);
+            }
+            if !moved && self.s.epochs() == epochs {
+                break;
+            }
+        }
+    }
+
+    /// Moves connection `i`'s bytes into the session; returns whether anything moved.
+    fn step(&mut self, i: usize) -> Result<bool, Fail> {
+        let (s, table, conn) = (self.s, self.table, &mut self.conns[i]);
+        let (input, mut moved) = (conn.bytes.as_slices().0, false);
+        let used = match &mut conn.role {
+            Role::Unknown => {
+                let start: Vec<u8> = conn.bytes.iter().copied().take(INIT_PACKET_LEN).collect();
+                let refused = |error| Fail::Connection { stream: i, error };
+                conn.role = match s.identify(&start).map_err(refused)? {
+                    Identity::NeedMore { .. } if !conn.eof => return Ok(false),
+                    Identity::NeedMore { .. } => return Err(refused(s.closed_unidentified(start.len()))),
+                    Identity::Main => Role::Main(false),
+                    Identity::Channel(id) => Role::Channel(Box::new(s.channel(id)?)),
+                };
+                moved = true;
+                if matches!(conn.role, Role::Main(_)) { 0 } else { INIT_PACKET_LEN }
+            }
+            Role::Main(listed) => {
+                let (used, at_marker) = if *listed {
+                    let step = self.main.feed(s, input, table)?;
+                    (step.used, step.state == MainState::AtMarker)
+                } else {
+                    let step = self.main.read_block_list(s, input)?;
+                    *listed = step.complete && self.main.start(table).map(|()| true)?;
+                    (step.used, false)
+                };
+                // Closed (and not waiting at a marker): report the end (again: it only checks), then
+                // catch a channel parked at a SYNC no marker can release now.
+                if input.is_empty() && conn.eof && !at_marker {
+                    self.main.end()?;
+                    self.main.poll_channels(s)?;
+                }
+                used
+            }
+            Role::Channel(ch) => {
+                if !s.poll_sync(ch) {
+                    return Ok(false);
+                }
+                if input.is_empty() && conn.eof {
+                    s.channel_done(&Inline, ch, true);
+                    s.lifecycle().error().inspect(|e| check_channel_error(e, ch.id()));
+                    conn.role = Role::Done;
+                    return Ok(true);
+                }
+                feed(ch, input, conn.vectored, table, s.config().packet.geometry.page_size() as usize)?
+            }
+            Role::Done => 0,
+        };
+        conn.bytes.drain(..used);
+        Ok(used > 0 || moved)
+    }
+}
+
+/// Feeds the front of `input` to `ch` as one read: what the channel wants next, at most (page data
+/// into the ranges `pending_pages` lists when `vectored`). Returns the bytes used (0 only when the
+/// channel is parked at a SYNC, or `input` is empty).
+fn feed(ch: &mut RecvChannel, input: &[u8], vectored: bool, table: &Table<'_>, ps: usize) -> Result<usize, Fail> {
+    let (id, before, mut ranges) = (ch.id(), ch.stats().bytes, [PageRange::EMPTY; IOV]);
     let n = match ch.want() {
-        Want::Header(buf) => {
-            let n = buf.len().min(input.len());
-            buf[..n].copy_from_slice(&input[..n]);
-            n
-        }
+        Want::Header(buf) => buf.iter_mut().zip(input).map(|(d, b)| *d = *b).count(),
         Want::Page { block, page, offset, len } => {
-            let b = table.get(block).expect("the engine named a block of the table");
-            assert!(len > 0 && len <= ps, "page request of {len} bytes");
-            assert!(offset + len <= b.used_len(), "page request {offset}+{len} outside {} bytes", b.used_len());
-            assert_eq!(offset / ps, page.get(), "page request offset {offset} is not in page {}", page.get());
-            assert_eq!((offset + len) % ps, 0, "page request does not end at its page's end");
-            if vectored {
-                let mut ranges = [PageRange::EMPTY; IOV];
-                let count = ch.pending_pages(table, &mut ranges);
-                assert!(count >= 1, "pending_pages listed nothing during page data");
-                assert_eq!((ranges[0].block, ranges[0].offset, ranges[0].len), (block, offset, len));
-                let mut rest = input;
-                let mut total = 0;
-                for r in &ranges[..count] {
-                    let rb = table.get(r.block).expect("pending range names a block of the table");
-                    assert!(r.len > 0 && r.len <= ps && r.offset + r.len <= rb.used_len(), "pending range {r:?}");
-                    let k = r.len.min(rest.len());
-                    rb.memory().write(r.offset, &rest[..k]);
-                    rest = &rest[k..];
-                    total += k;
-                    if rest.is_empty() {
-                        break;
-                    }
-                }
-                ch.advance_many(total, table)?;
-                return Ok(total);
-            }
-            let n = len.min(input.len());
-            b.memory().write(offset, &input[..n]);
-            n
+            let count = ch.pending_pages(table, &mut ranges[..if vectored { IOV } else { 1 }]);
+            check_pages(table, PageRange { block, offset, len }, page.get(), &ranges[..count], ps);
+            ranges[..count].iter().fold(0, |at, r| {
+                let k = r.len.min(input.len() - at);
+                table.get(r.block).inspect(|b| b.memory().write(r.offset, &input[at..at + k]));
+                at + k
+            })
         }
         Want::Discard(len) => len.min(input.len()),
-        Want::Sync => return Ok(0),
+        Want::Sync => 0,
     };
-    ch.advance(n, table)?;
+    ch.advance_many(n, table).map_err(Fail::Session).inspect_err(|e| check_channel_error(e, id))?;
+    assert_eq!(ch.stats().bytes - before, n as u64, "bytes consumed and counted differ");
     Ok(n)
 }

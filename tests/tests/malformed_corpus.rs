@@ -4,8 +4,9 @@
 //! loopback TCP.
 //!
 //! Layout: `MANIFEST.tsv` lists one case per line: its name, how many streams it has, receiver
-//! options, the expected failure of the core engine (a substring of the `Debug` form of the first
-//! failure of the single-threaded model in fuzz/common/engine_harness.rs, or `completed`), and the
+//! options, the expected failure of the core receive session (a substring of the `Debug` form of the
+//! first failure of the single-threaded model in fuzz/common/engine_harness.rs, which drives the
+//! session, or `completed`), and the
 //! expected `multifd recv: failed:` text (or `completed`). Stream k of case C is `C.sK.bin`: stream 0
 //! is the main stream, the others are multifd connections in connection order (one file per
 //! connection, so `multifd inspect` decodes them). Every case has 2 channels, 4 KiB pages and one
@@ -159,7 +160,7 @@ fn cases() -> Vec<Case> {
         "init_unknown_magic",
         vec![main_stream(1, true), bad, c1.clone()],
         false,
-        "Handshake { stream: 1, error: UnknownChannelMagic { found: 287454021 } }",
+        "Connection { stream: 1, error: Handshake { error: UnknownChannelMagic { found: 287454021 } } }",
         "connection #1: unknown channel magic 0x11223345",
     );
     let mut bad = c0.clone();
@@ -168,21 +169,21 @@ fn cases() -> Vec<Case> {
         "init_bad_version",
         vec![main_stream(1, true), bad, c1.clone()],
         false,
-        "Handshake { stream: 1, error: BadVersion { found: 2 } }",
+        "Connection { stream: 1, error: Handshake { error: BadVersion { found: 2 } } }",
         "connection #1: version is 2, expected 1",
     );
     add(
         "init_id_out_of_range",
         vec![main_stream(1, true), init(2), c1.clone()],
         false,
-        "Handshake { stream: 1, error: ChannelIdOutOfRange { id: 2, channels: 2 } }",
+        "Connection { stream: 1, error: Handshake { error: ChannelIdOutOfRange { id: 2, channels: 2 } } }",
         "connection #1: channel id 2 is out of range for 2 channels",
     );
     add(
         "init_duplicate_id",
         vec![main_stream(1, true), init(1), c1.clone()],
         false,
-        "Handshake { stream: 2, error: DuplicateChannel { id: 1 } }",
+        "Connection { stream: 2, error: Handshake { error: DuplicateChannel { id: 1 } } }",
         "connection #2: channel id 1 is already set up",
     );
     let mut ok_uuid = init_with(1, UUID);
@@ -191,35 +192,35 @@ fn cases() -> Vec<Case> {
         "init_wrong_uuid",
         vec![main_stream(1, true), c0.clone(), ok_uuid],
         true,
-        "Handshake { stream: 1, error: UuidMismatch {",
+        "Connection { stream: 1, error: Handshake { error: UuidMismatch {",
         "connection #1: uuid is [00, 00",
     );
     add(
         "init_truncated",
         vec![main_stream(1, true), c0[..30].to_vec(), c1.clone()],
         false,
-        "ClosedEarly { stream: 1, have: 30 }",
+        "Connection { stream: 1, error: ClosedEarly { have: 30 } }",
         "connection #1: closed after 30 bytes",
     );
     add(
         "connection_closed_before_init",
         vec![main_stream(1, true), c0.clone(), Vec::new()],
         false,
-        "ClosedEarly { stream: 2, have: 0 }",
+        "Connection { stream: 2, error: ClosedEarly { have: 0 } }",
         "connection #2: closed after 0 bytes",
     );
     add(
         "connection_closed_after_2_bytes",
         vec![main_stream(1, true), c0.clone(), c1[..2].to_vec()],
         false,
-        "ClosedEarly { stream: 2, have: 2 }",
+        "Connection { stream: 2, error: ClosedEarly { have: 2 } }",
         "connection #2: closed after 2 bytes",
     );
     add(
         "second_main_stream",
         vec![main_stream(1, true), c0.clone(), main_stream(1, true)],
         false,
-        "DuplicateMain { stream: 2 }",
+        "Connection { stream: 2, error: DuplicateMain }",
         "connection #2: a second main stream connected",
     );
 
@@ -230,7 +231,7 @@ fn cases() -> Vec<Case> {
         "packet_bad_magic",
         with_ch0(bad),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: BadMagic { found: 287454021 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: BadMagic { found: 287454021 } })",
         "channel 0: packet 0: magic is 0x11223345, expected 0x11223344",
     );
     let mut bad = c0.clone();
@@ -239,7 +240,7 @@ fn cases() -> Vec<Case> {
         "packet_bad_version",
         with_ch0(bad),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: BadVersion { found: 7 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: BadVersion { found: 7 } })",
         "channel 0: packet 0: version is 7, expected 1",
     );
     let mut bad = init(0);
@@ -248,28 +249,28 @@ fn cases() -> Vec<Case> {
         "garbage_after_init",
         with_ch0(bad),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: BadMagic { found: 1195463234 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: BadMagic { found: 1195463234 } })",
         "channel 0: packet 0: magic is 0x47415242",
     );
     add(
         "unknown_flags",
         with_ch0(ch0_with(Hdr { flags: 0x100, ..Hdr::pages(&[0], 0, false) })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: UnknownFlags { flags: 256 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: UnknownFlags { flags: 256 } })",
         "channel 0: packet 0:",
     );
     add(
         "compression_flag",
         with_ch0(ch0_with(Hdr { flags: 0x2, ..Hdr::pages(&[0], 0, false) })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: CompressionMismatch { found: 2, expected: 0 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: CompressionMismatch { found: 2, expected: 0 } })",
         "channel 0: packet 0:",
     );
     add(
         "pages_alloc_over_page_count",
         with_ch0(ch0_with(Hdr { pages_alloc: 129, ..Hdr::pages(&[0], 0, false) })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: PagesAllocTooLarge { pages_alloc: 129, page_count: 128 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: PagesAllocTooLarge { pages_alloc: 129, page_count: 128 } })",
         "channel 0: packet 0:",
     );
     add(
@@ -281,21 +282,21 @@ fn cases() -> Vec<Case> {
             ..Hdr::pages(&[0, 1], 0, false)
         })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: NormalExceedsAlloc { normal: 2, pages_alloc: 1 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: NormalExceedsAlloc { normal: 2, pages_alloc: 1 } })",
         "channel 0: packet 0:",
     );
     add(
         "zero_count_overflow",
         with_ch0(ch0_with(Hdr { zero: u32::MAX, ..Hdr::pages(&[0], 0, false) })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: ZeroExceedsAlloc { zero: 4294967295, normal: 1, pages_alloc: 128 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: ZeroExceedsAlloc { zero: 4294967295, normal: 1, pages_alloc: 128 } })",
         "channel 0: packet 0:",
     );
     add(
         "payload_size_mismatch",
         with_ch0(ch0_with(Hdr { next_size: u32::MAX, ..Hdr::pages(&[0], 0, false) })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: PayloadSizeMismatch { next_packet_size: 4294967295, normal: 1, page_size: 4096 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: PayloadSizeMismatch { next_packet_size: 4294967295, normal: 1, page_size: 4096 } })",
         "channel 0: packet 0:",
     );
     let long_name = [b'A'; 256];
@@ -303,35 +304,35 @@ fn cases() -> Vec<Case> {
         "block_name_unterminated",
         with_ch0(ch0_with(Hdr { name: &long_name, ..Hdr::pages(&[0], 0, false) })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: NameUnterminated { field: BlockName } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: NameUnterminated { field: BlockName } })",
         "channel 0: packet 0:",
     );
     add(
         "unknown_block",
         with_ch0(ch0_with(Hdr { name: b"zz", ..Hdr::pages(&[0], 0, false) })),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: UnknownBlock { name: \"zz\" } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: UnknownBlock { name: \"zz\" } })",
         "channel 0: packet 0: unknown RAM block \"zz\"",
     );
     add(
         "offset_beyond_block",
         with_ch0(raw_offset((PAGES * PAGE) as u64)),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: OffsetOutOfRange { index: 0, offset: 16384, page_size: 4096, used_length: 16384 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: OffsetOutOfRange { index: 0, offset: 16384, page_size: 4096, used_length: 16384 } })",
         "channel 0: packet 0: offset[0] 0x4000",
     );
     add(
         "offset_wraps_u64",
         with_ch0(raw_offset(u64::MAX - (PAGE as u64 - 1))),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: OffsetOutOfRange { index: 0, offset: 18446744073709547520,",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: OffsetOutOfRange { index: 0, offset: 18446744073709547520,",
         "channel 0: packet 0: offset[0] 0xfffffffffffff000",
     );
     add(
         "offset_unaligned",
         with_ch0(raw_offset(PAGE as u64 + 1)),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: OffsetMisaligned { index: 0, offset: 4097, page_size: 4096 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: OffsetMisaligned { index: 0, offset: 4097, page_size: 4096 } })",
         "channel 0: packet 0: offset[0] 0x1001 is not a multiple of the page size 4096",
     );
     let mut ds = init(0);
@@ -343,7 +344,7 @@ fn cases() -> Vec<Case> {
         "device_state_huge_then_eof",
         with_ch0(ds),
         false,
-        "Truncated { channel: ChannelId(0), packet: 0, cut: DeviceState { left: 4294966295 } }",
+        "Session(Truncated { channel: ChannelId(0), packet: 0, cut: DeviceState { left: 4294966295 } })",
         "channel 0: stream ended inside a device-state payload (4294966295 bytes missing)",
     );
     let mut ds = init(0);
@@ -353,7 +354,7 @@ fn cases() -> Vec<Case> {
         "device_state_with_sync",
         with_ch0(ds),
         false,
-        "Packet { channel: ChannelId(0), packet: 0, error: DeviceStateFlags { flags: 65 } }",
+        "Session(Packet { channel: ChannelId(0), packet: 0, error: DeviceStateFlags { flags: 65 } })",
         "channel 0: packet 0:",
     );
 
@@ -362,7 +363,7 @@ fn cases() -> Vec<Case> {
         "truncated_header",
         vec![main_stream(1, true), c0.clone(), c1[..64 + 100].to_vec()],
         false,
-        "Truncated { channel: ChannelId(1), packet: 0, cut: Header { have: 100, need: 1344 } }",
+        "Session(Truncated { channel: ChannelId(1), packet: 0, cut: Header { have: 100, need: 1344 } })",
         "channel 1: stream ended inside a packet header (100 of 1344 bytes)",
     );
     let mut cut = init(1);
@@ -372,7 +373,7 @@ fn cases() -> Vec<Case> {
         "truncated_page_data",
         vec![main_stream(1, true), c0.clone(), cut],
         false,
-        "Truncated { channel: ChannelId(1), packet: 0, cut: Page { index: 1, normal: 2 } }",
+        "Session(Truncated { channel: ChannelId(1), packet: 0, cut: Page { index: 1, normal: 2 } })",
         "channel 1: stream ended inside page 1 of 2",
     );
     let full = main_stream(1, true);
@@ -380,7 +381,7 @@ fn cases() -> Vec<Case> {
         "main_truncated",
         vec![full[..full.len() - 3].to_vec(), c0.clone(), c1.clone()],
         false,
-        "MainStream { position:",
+        "Session(MainClosed { position: 72, error: Truncated { need: 2 } })",
         "main stream at byte",
     );
 
@@ -394,7 +395,7 @@ fn cases() -> Vec<Case> {
         "sync_without_marker",
         vec![main_stream(1, true), two, one],
         false,
-        "SyncWithoutMarker { channel: ChannelId(0), markers: 1 }",
+        "Session(SyncWithoutMarker { channel: ChannelId(0), markers: 1 })",
         "channel 0: parked at SYNC 2 but the main stream ended after 1 sync markers",
     );
     let mut nosync = init(1);
@@ -403,7 +404,7 @@ fn cases() -> Vec<Case> {
         "channel_ended_without_sync",
         vec![main_stream(1, true), c0.clone(), nosync],
         false,
-        "Engine(Epoch(ChannelEnded { epoch: 1, arrived: 1, needed: 2 }))",
+        "Session(Epoch(ChannelEnded { epoch: 1, arrived: 1, needed: 2 }))",
         "main stream: marker of epoch 1 but a channel ended without its SYNC (1 of 2 SYNCs)",
     );
     let mut partial = init(1);
@@ -413,7 +414,7 @@ fn cases() -> Vec<Case> {
         "incomplete_block",
         vec![main_stream(1, true), c0.clone(), partial],
         false,
-        "Incomplete { block: 0, received: 3, pages: 4 }",
+        "Session(Incomplete { block: \"m0\", received: 3, pages: 4 })",
         "block \"m0\": only 3 of 4 pages were received",
     );
 
@@ -424,7 +425,7 @@ fn cases() -> Vec<Case> {
         "main_zero_page_beyond_block",
         vec![m, c0.clone(), c1.clone()],
         false,
-        "MainBlock { block: \"m0\", offset: 16384, error: OffsetOutOfRange { offset: 16384, used_len: 16384 } }",
+        "Session(MainBlock { block: \"m0\", offset: 16384, error: OffsetOutOfRange { offset: 16384, used_len: 16384 } })",
         "main stream: block \"m0\", page at 0x4000",
     );
     let mut m = main_head();
@@ -433,7 +434,7 @@ fn cases() -> Vec<Case> {
         "main_unknown_block",
         vec![m, c0.clone(), c1.clone()],
         false,
-        "MainUnknownBlock { block: \"zz\" }",
+        "Session(MainUnknownBlock { block: \"zz\" })",
         "main stream: unknown RAM block \"zz\"",
     );
     let mut m = main_stream(1, true);
@@ -442,7 +443,7 @@ fn cases() -> Vec<Case> {
         "main_bad_version",
         vec![m, c0, c1],
         false,
-        "MainStream { position: 0, error: BadVersion { found: 2 } }",
+        "Session(MainStream { position: 0, error: BadVersion { found: 2 } })",
         "main stream at byte 0:",
     );
     v
