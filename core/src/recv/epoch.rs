@@ -16,7 +16,10 @@
 
 use core::fmt;
 
-use crate::lifecycle::{Cancelled, ChannelId, Coordinator, Wake};
+use crate::lifecycle::ChannelId;
+#[cfg(test)]
+#[allow(unused_imports)] // `Cancelled` only in the non-loom build of the blocking halves
+use crate::lifecycle::{Cancelled, Coordinator, Wake};
 use crate::sync::{AtomicU32, Ordering};
 
 /// Why an epoch did not complete.
@@ -89,7 +92,7 @@ impl EpochBarrier {
         }
     }
 
-    /// Counts a channel in at its SYNC (the non-blocking half of [`EpochBarrier::channel_sync`]).
+    /// Counts a channel in at its SYNC (the session's [`RecvSession::poll_sync`](super::RecvSession::poll_sync) calls it).
     pub fn arrive(&self) {
         // Release: publishes this channel's page writes of the epoch to the main stream, which
         // Acquire-loads the count (RMWs continue the release sequence of earlier arrivals).
@@ -104,7 +107,8 @@ impl EpochBarrier {
 
     /// Called by a channel worker at its `epoch`-th SYNC (1-based; [`ChannelStats::syncs`](super::ChannelStats)
     /// after the packet): counts it in and waits until the main stream releases that epoch.
-    pub fn channel_sync<H, E, W: Wake + ?Sized, const MAX: usize>(
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn channel_sync<H, E, W: Wake + ?Sized, const MAX: usize>(
         &self,
         coord: &Coordinator<H, E, MAX>,
         waker: &W,
@@ -123,7 +127,7 @@ impl EpochBarrier {
         self.ended.fetch_add(1, Ordering::Release);
     }
 
-    /// The non-blocking half of [`EpochBarrier::main_marker`]: releases the next epoch if every
+    /// The non-blocking half of [`MainStream::poll_marker`](super::MainStream::poll_marker): releases the next epoch if every
     /// channel has arrived for it (`Ok(Some(epoch))`), or says it cannot yet (`Ok(None)`), or that
     /// it never can because a channel ended. Only the main stream calls it.
     pub fn try_release(&self) -> Result<Option<u32>, EpochError> {
@@ -150,7 +154,8 @@ impl EpochBarrier {
     /// Called by the main stream at each sync marker: waits until every channel reached its SYNC of
     /// the next epoch, then releases it. Returns the epoch released (1-based). `idle_as` names the
     /// channel whose idle hook the wait uses.
-    pub fn main_marker<H, E, W: Wake + ?Sized, const MAX: usize>(
+    #[cfg(test)]
+    pub(crate) fn main_marker<H, E, W: Wake + ?Sized, const MAX: usize>(
         &self,
         coord: &Coordinator<H, E, MAX>,
         waker: &W,

@@ -8,7 +8,7 @@ use super::RecvError;
 /// How the sender marks sync epochs on the main stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum SyncMode {
+pub(crate) enum SyncMode {
     /// Decide from the stream: the first `MULTIFD_FLUSH` before any RAM `EOS` means [`SyncMode::Flush`];
     /// an `EOS` first means [`SyncMode::Eos`]. QEMU 8.1+ writes `MULTIFD_FLUSH` before the setup `EOS`.
     Auto,
@@ -21,10 +21,11 @@ pub enum SyncMode {
 /// What the caller must do after [`MainRecv::on_event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum MainAction {
+pub(crate) enum MainAction {
     /// Nothing: keep feeding.
     Continue,
-    /// A sync marker: run [`EpochBarrier::main_marker`](super::EpochBarrier::main_marker) before
+    /// A sync marker: release the epoch at the barrier
+    /// ([`EpochBarrier::try_release`](super::EpochBarrier::try_release)) before
     /// going on (records after it belong to the next epoch).
     Marker,
     /// EOF of the device state: the migration's end, once the channels end cleanly too.
@@ -46,7 +47,7 @@ pub struct MainStats {
 /// The main-stream side of a receiving migration, after the block list (which the embedder reads
 /// first, to allocate the blocks).
 #[derive(Debug, Clone, Copy)]
-pub struct MainRecv {
+pub(crate) struct MainRecv {
     mode: SyncMode,
     stats: MainStats,
     eof: bool,
@@ -54,28 +55,29 @@ pub struct MainRecv {
 
 impl MainRecv {
     /// A receiver of main-stream records in `mode`.
-    pub const fn new(mode: SyncMode) -> Self {
+    pub(crate) const fn new(mode: SyncMode) -> Self {
         Self { mode, stats: MainStats { zero_pages: 0, pages: 0, markers: 0 }, eof: false }
     }
 
     /// The sync mode (decided once the first marker was seen, under [`SyncMode::Auto`]).
-    pub const fn mode(&self) -> SyncMode {
+    #[cfg(all(test, not(loom)))]
+    pub(crate) const fn mode(&self) -> SyncMode {
         self.mode
     }
 
     /// Counters so far.
-    pub const fn stats(&self) -> MainStats {
+    pub(crate) const fn stats(&self) -> MainStats {
         self.stats
     }
 
     /// Whether EOF was seen.
-    pub const fn saw_eof(&self) -> bool {
+    pub(crate) const fn saw_eof(&self) -> bool {
         self.eof
     }
 
     /// Applies one parser event: zero pages and pages to their blocks (bits set, zero-page rules
     /// applied), markers per the sync mode.
-    pub fn on_event<M: GuestMemory + ?Sized, const N: usize>(
+    pub(crate) fn on_event<M: GuestMemory + ?Sized, const N: usize>(
         &mut self,
         ev: &Event<'_>,
         table: &BlockTable<'_, M, N>,

@@ -6,13 +6,16 @@
 //!   intermediate copy; [`RecvChannel::advance`] is then told how many bytes arrived. It validates
 //!   every header against the block table, applies zero pages, sets bitmap bits, and at a SYNC
 //!   packet first takes the packet's pages and then asks to park ([`Want::Sync`]).
+//! - [`RecvSession`] and [`MainStream`]: the whole receive (see the [`session`] module docs): which
+//!   connection is which, the block list, epochs, ends and the completion checks. Embedders drive
+//!   these; the pieces below are what the session is built from.
 //! - [`EpochBarrier`]: pairs every channel's SYNC with one main-stream marker. Channels are released
 //!   from epoch k only when all N reached their k-th SYNC and the main stream reached its k-th
-//!   marker; every wait goes through [`Coordinator::wait_until`](crate::lifecycle::Coordinator::wait_until),
-//!   so a failure anywhere cancels it.
-//! - [`MainRecv`]: applies main-stream [`Event`](crate::wire::Event)s (zero pages and pages on the main channel, sync
-//!   markers, EOF) to the block table, and tells whether the sender marks epochs with
-//!   `MULTIFD_FLUSH` or, as QEMU 7.2 does, with every RAM `EOS`.
+//!   marker; the session's waits go through [`Coordinator::wait_until`](crate::lifecycle::Coordinator::wait_until),
+//!   so a failure anywhere cancels them.
+//! - The main-stream applier (private): applies main-stream [`Event`](crate::wire::Event)s (zero pages and pages on
+//!   the main channel, sync markers, EOF) to the block table, and tells whether the sender marks
+//!   epochs with `MULTIFD_FLUSH` or, as QEMU 7.2 does, with every RAM `EOS`.
 //!
 //! Nothing here allocates or does I/O. Peer input never panics and never writes outside a block:
 //! every offset is checked against the block's used length before it is turned into an address.
@@ -51,10 +54,11 @@
 
 mod epoch;
 mod main;
-mod session;
+pub mod session;
 
 pub use epoch::{EpochBarrier, EpochError};
-pub use main::{MainAction, MainRecv, MainStats, SyncMode};
+pub use main::MainStats;
+pub(crate) use main::{MainAction, MainRecv, SyncMode};
 pub use session::{
     BlockListStep, Declared, Identity, MainState, MainStep, MainStream, RecvSession, SessionConfig, Totals,
 };
@@ -435,7 +439,8 @@ pub enum Want<'c> {
     /// Read and drop `len` bytes (a device-state payload, which this engine does not interpret).
     Discard(usize),
     /// The channel reached a SYNC packet (its pages are applied): wait for the epoch's release
-    /// ([`EpochBarrier::channel_sync`]), then call [`RecvChannel::synced`].
+    /// ([`RecvSession::poll_sync`] / [`RecvSession::wait_sync`] do both: they count the channel in and
+    /// call [`RecvChannel::synced`] once the epoch is released).
     Sync,
 }
 

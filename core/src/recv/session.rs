@@ -649,6 +649,7 @@ impl<const B: usize> MainStream<B> {
     }
 
     /// The main stream's connection closed: clean only after its EOF record, at an item boundary.
+    /// Calling it again after a clean end is harmless (it answers `Ok` again).
     pub fn end(&mut self) -> Result<(), RecvError> {
         self.parser.finish().map_err(|error| RecvError::MainClosed { position: self.parser.position(), error })?;
         self.phase = Phase::Ended;

@@ -83,7 +83,7 @@ impl std::error::Error for Failed {
     }
 }
 
-/// What [`run_with`] returns.
+/// What [`run_with`](super::run_with) returns.
 pub type Outcome = Result<Report, Box<Failed>>;
 
 /// The outcome as one JSON-serialisable object: `status`, `error` (text or null), then the report.
