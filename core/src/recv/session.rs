@@ -636,16 +636,8 @@ impl<const B: usize> MainStream<B> {
         waker: &W,
         idle_as: ChannelId,
     ) -> Result<(), RecvError> {
-        let mut outcome = Ok(false);
-        let waited = session.coord.wait_until(waker, idle_as, || {
-            outcome = self.poll_marker(session);
-            !matches!(outcome, Ok(false))
-        });
-        match (waited, outcome) {
-            (_, Err(e)) => Err(e),
-            (Ok(()), Ok(_)) => Ok(()),
-            (Err(_), Ok(_)) => Err(RecvError::Epoch(EpochError::Cancelled { epoch: session.epochs() + 1 })),
-        }
+        let cancelled = || RecvError::Epoch(EpochError::Cancelled { epoch: session.epochs() + 1 });
+        wait_poll(&session.coord, waker, idle_as, || self.poll_marker(session), cancelled)
     }
 
     /// The main stream's connection closed: clean only after its EOF record, at an item boundary.
@@ -681,16 +673,28 @@ impl<const B: usize> MainStream<B> {
         waker: &W,
         idle_as: ChannelId,
     ) -> Result<(), RecvError> {
-        let mut outcome = Ok(false);
-        let waited = session.coord.wait_until(waker, idle_as, || {
-            outcome = self.poll_channels(session);
-            !matches!(outcome, Ok(false))
-        });
-        match (waited, outcome) {
-            (_, Err(e)) => Err(e),
-            (Ok(()), Ok(_)) => Ok(()),
-            (Err(_), Ok(_)) => Err(RecvError::Terminated),
-        }
+        wait_poll(&session.coord, waker, idle_as, || self.poll_channels(session), || RecvError::Terminated)
+    }
+}
+
+/// Runs `poll` inside the lifecycle's wait until it answers `Ok(true)` or fails; `cancelled()` if the
+/// migration terminates first.
+fn wait_poll<H, E, W: Wake + ?Sized, const MAX: usize>(
+    coord: &Coordinator<H, E, MAX>,
+    waker: &W,
+    idle_as: ChannelId,
+    mut poll: impl FnMut() -> Result<bool, RecvError>,
+    cancelled: impl FnOnce() -> RecvError,
+) -> Result<(), RecvError> {
+    let mut outcome = Ok(false);
+    let waited = coord.wait_until(waker, idle_as, || {
+        outcome = poll();
+        !matches!(outcome, Ok(false))
+    });
+    match (waited, outcome) {
+        (_, Err(e)) => Err(e),
+        (Ok(()), Ok(_)) => Ok(()),
+        (Err(_), Ok(_)) => Err(cancelled()),
     }
 }
 
