@@ -128,8 +128,11 @@ tier5_miri_loom() {
   # Known gap: under Miri's weak-memory emulation the send engine's threaded tests spin without end
   # (they pass in seconds with it off, and natively, and the hand-over has loom models); until that is
   # understood they run under Miri with the emulation off, which still checks UB and data races.
+  # Since the fifth of them was added they also spun without end (with CI=true in the environment,
+  # not without) when Miri ran them side by side; one at a time they pass in about 10 s. Not yet
+  # understood either: natively, under loom and under TSan the same code passes.
   MIRIFLAGS="$miriflags -Zmiri-disable-weak-memory-emulation" \
-    cargo "+$NIGHTLY" miri test -p multifd-core --lib send::tests::threads
+    cargo "+$NIGHTLY" miri test -p multifd-core --lib send::tests::threads -- --test-threads=1
   LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}" RUSTFLAGS="--cfg loom" \
     cargo test -p multifd-core --release --lib --target-dir target/loom -- loom_
 }
