@@ -934,7 +934,7 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
         // Acquire orders this call after an earlier terminate's writes.
         let first = !self.quit.swap(true, Ordering::AcqRel);
         if first {
-            info!("multifd: terminating {} channels", self.channels);
+            debug!("multifd: terminating {} channels", self.channels);
             for channel in self.ids() {
                 waker.wake(channel);
             }
@@ -982,7 +982,7 @@ impl<H, E, const MAX: usize> Coordinator<H, E, MAX> {
         }
         // Release: publishes the joins (and the workers' writes they acquired) to `all_joined` callers.
         self.cleanup_done.store(true, Ordering::Release);
-        info!(
+        debug!(
             "multifd: cleanup joined {} workers ({} panicked), sealed {}",
             report.joined, report.panicked, report.sealed
         );

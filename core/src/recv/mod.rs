@@ -233,6 +233,18 @@ pub enum RecvError {
     /// At the end: the migration was terminated by an error recorded in the session's coordinator
     /// (that error is the migration's; this one only says the completion checks did not run).
     Terminated,
+    /// The source asked for a return path (QEMU's `return-path` capability, command 1 on the main
+    /// stream). This receiver never answers on one, and the source would wait for the answer.
+    ReturnPath {
+        /// Main-stream offset of the command.
+        position: u64,
+    },
+    /// A page with its data arrived on the main stream: the source is not using multifd (QEMU sends
+    /// every page on its channels when it does), so no channel will carry the pages.
+    NotMultifd {
+        /// Main-stream offset of the page record.
+        position: u64,
+    },
 }
 
 /// Why a block list was refused (see [`RecvError::BlockList`]).
@@ -375,6 +387,17 @@ impl fmt::Display for RecvError {
             Self::WorkerPanicked { count } => write!(f, "{count} channel worker(s) panicked"),
             Self::ForeignToken(e) => write!(f, "{e}"),
             Self::Terminated => write!(f, "the migration was terminated by an earlier error"),
+            Self::ReturnPath { position } => write!(
+                f,
+                "main stream at byte {position}: the source opens a return path (command 1, QEMU's \
+                 return-path capability), which this receiver does not answer: turn return-path off on the source"
+            ),
+            Self::NotMultifd { position } => write!(
+                f,
+                "main stream at byte {position}: a page with data on the main stream: the source is not \
+                 using multifd (check its multifd capability: QEMU turns multifd off without a word when \
+                 another capability rules it out)"
+            ),
         }
     }
 }

@@ -99,6 +99,9 @@ pub enum Identity {
 }
 
 /// Per-channel states of a session.
+/// QEMU's command asking the destination to open a return path to the source.
+const OPEN_RETURN_PATH: u16 = 1;
+
 const UNSEEN: u8 = 0;
 const IDENTIFIED: u8 = 1;
 const CLAIMED: u8 = 2;
@@ -532,6 +535,9 @@ impl<const B: usize> MainStream<B> {
                         self.phase = Phase::Listed;
                     }
                 }
+                Some(Event::Command { cmd: OPEN_RETURN_PATH, .. }) => {
+                    return Err(RecvError::ReturnPath { position: item });
+                }
                 Some(
                     Event::ZeroPage { .. } | Event::PageData { .. } | Event::Eof | Event::MultifdFlush | Event::Eos,
                 ) => {
@@ -603,14 +609,42 @@ impl<const B: usize> MainStream<B> {
             used += n;
             input = &input[n..];
             let Some(ev) = ev else { continue };
-            if let Event::RamTotal { .. } = ev {
-                let position = self.parser.item_position();
-                return Err(RecvError::BlockList(BlockListError::Repeated { position }));
+            match ev {
+                Event::RamTotal { .. } => {
+                    let position = self.parser.item_position();
+                    return Err(RecvError::BlockList(BlockListError::Repeated { position }));
+                }
+                Event::PageData { .. } => return Err(RecvError::NotMultifd { position: item }),
+                Event::Command { cmd: OPEN_RETURN_PATH, .. } => return Err(RecvError::ReturnPath { position: item }),
+                _ => {}
             }
             if self.recv.on_event(&ev, table)? == MainAction::Marker {
                 self.phase = Phase::AtMarker;
             }
         }
+    }
+
+    /// Looks ahead through `input`, the bytes right after what [`MainStream::feed`] consumed, without
+    /// applying them: fails if they hold what `feed` will refuse for the source's configuration (a
+    /// page on the main stream: no multifd; a return-path request). For a receiver still waiting for
+    /// its channels at a marker, so that a source that will never open them is told at once.
+    /// Anything else wrong in `input` is left for `feed` to report where it is.
+    pub fn scan_ahead(&self, mut input: &[u8]) -> Result<(), RecvError> {
+        let mut parser = self.parser.clone();
+        while !input.is_empty() {
+            let item = parser.item_position();
+            let Ok((n, ev)) = parser.feed(input) else { return Ok(()) };
+            input = &input[n..];
+            match ev {
+                Some(Event::PageData { .. }) => return Err(RecvError::NotMultifd { position: item }),
+                Some(Event::Command { cmd: OPEN_RETURN_PATH, .. }) => {
+                    return Err(RecvError::ReturnPath { position: item });
+                }
+                Some(Event::Eof) => return Ok(()),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// At a sync marker: releases the epoch if every channel has reached its SYNC. Returns whether

@@ -467,3 +467,83 @@ fn finish_refuses_the_token_of_another_coordinator() {
     let foreign = other.lifecycle().cleanup(&Inline).unwrap();
     assert!(matches!(s.finish(&foreign, &main, &t), Err(RecvError::ForeignToken(_))));
 }
+
+/// A RAM_SAVE_FLAG_PAGE record for offset 0 of `m0` with its page: what a source not using multifd
+/// sends on the main stream.
+fn plain_page() -> Vec<u8> {
+    let mut out = 0x08u64.to_be_bytes().to_vec();
+    out.push(2);
+    out.extend_from_slice(b"m0");
+    out.extend(core::iter::repeat_n(0x5a, PS));
+    out
+}
+
+#[test]
+fn a_page_on_the_main_stream_means_no_multifd_and_is_refused() {
+    let s = session(1);
+    let g = Guest::new();
+    let region = AtomicRegion::new(&g.mem);
+    let t = table(&region, &g.words);
+    let mut main: MainStream<2> = MainStream::new(&s);
+    let mut bytes = full_block();
+    let head = bytes.len();
+    bytes.extend(plain_page());
+    main.read_block_list(&s, &bytes[..head]).unwrap();
+    main.start(&t).unwrap();
+    // Looking ahead finds it without applying anything; feeding refuses it.
+    assert_eq!(main.scan_ahead(&bytes[head..]), Err(RecvError::NotMultifd { position: head as u64 }));
+    assert_eq!(main.feed(&s, &bytes[head..], &t), Err(RecvError::NotMultifd { position: head as u64 }));
+    assert!(g.mem.iter().all(|b| b.load(Ordering::Relaxed) == 0), "the page was written");
+}
+
+#[test]
+fn looking_ahead_from_a_marker_finds_a_page_after_it_and_nothing_in_a_multifd_stream() {
+    let s = session(1);
+    let g = Guest::new();
+    let region = AtomicRegion::new(&g.mem);
+    let t = table(&region, &g.words);
+    let mut main: MainStream<2> = MainStream::new(&s);
+    let mut bytes = full_block();
+    let head = bytes.len();
+    emit(&mut bytes, Record::Eos);
+    emit(&mut bytes, Record::Footer { section_id: 1 });
+    emit(&mut bytes, Record::SectionPart { end: false, section_id: 1 });
+    let page_at = bytes.len() as u64;
+    bytes.extend(plain_page());
+    main.read_block_list(&s, &bytes[..head]).unwrap();
+    main.start(&t).unwrap();
+    let step = main.feed(&s, &bytes[head..], &t).unwrap();
+    assert_eq!(step.state, MainState::AtMarker, "the first EOS is a marker");
+    let rest = &bytes[head + step.used..];
+    assert_eq!(main.scan_ahead(rest), Err(RecvError::NotMultifd { position: page_at }));
+    // Cut inside the page record: nothing to say yet.
+    assert_eq!(main.scan_ahead(&rest[..rest.len() - 10]), Ok(()));
+    // A multifd stream's tail after its marker holds no page.
+    let mut multifd = full_block();
+    multifd.extend(main_tail(2));
+    let mut main: MainStream<2> = MainStream::new(&s);
+    main.read_block_list(&s, &multifd[..head]).unwrap();
+    main.start(&t).unwrap();
+    let step = main.feed(&s, &multifd[head..], &t).unwrap();
+    assert_eq!(step.state, MainState::AtMarker);
+    assert_eq!(main.scan_ahead(&multifd[head + step.used..]), Ok(()));
+}
+
+#[test]
+fn a_return_path_request_is_refused_where_it_is() {
+    let s = session(1);
+    let mut main: MainStream<2> = MainStream::new(&s);
+    let mut bytes = Vec::new();
+    emit(&mut bytes, Record::FileHeader);
+    emit(&mut bytes, Record::Configuration { machine: b"none" });
+    let at = bytes.len() as u64;
+    emit(&mut bytes, Record::Command { cmd: 1, data: &[] });
+    assert_eq!(main.read_block_list(&s, &bytes), Err(RecvError::ReturnPath { position: at }));
+    // Other commands (a ping, switchover start) are skipped as before.
+    let mut main: MainStream<2> = MainStream::new(&s);
+    let mut bytes = Vec::new();
+    emit(&mut bytes, Record::FileHeader);
+    emit(&mut bytes, Record::Configuration { machine: b"none" });
+    emit(&mut bytes, Record::Command { cmd: 2, data: &[0, 0, 0, 1] });
+    assert_eq!(main.read_block_list(&s, &bytes).map(|st| st.complete), Ok(false));
+}
