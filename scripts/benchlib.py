@@ -156,7 +156,7 @@ class Recv:
         portf = os.path.join(work, "port")
         if os.path.exists(portf):
             os.unlink(portf)
-        args = [binary, "recv", "--listen", "127.0.0.1:0", "--channels", str(channels), "--out", self.out,
+        args = [binary, "-v", "recv", "--listen", "127.0.0.1:0", "--channels", str(channels), "--out", self.out,
                 "--port-file", portf, "--json"]
         if prealloc_mib:
             args += ["--prealloc", f"m0:{prealloc_mib}M"]

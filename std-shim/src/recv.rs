@@ -9,8 +9,7 @@
 //! pages, the main stream on the calling thread, and the block files, written only when the
 //! session's completion checks passed (under a temporary name, then renamed).
 
-use std::fs;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
-use multifd_core::lifecycle::{AllJoined, ChannelId, MAX_CHANNELS};
+use multifd_core::lifecycle::{ChannelId, MAX_CHANNELS};
 use multifd_core::recv::{
     BlockListError, MainState, MainStream, PageRange, RecvChannel, RecvError, RecvSession, SessionConfig, Want,
 };
@@ -86,11 +85,15 @@ impl Default for Limits {
 }
 
 mod accept;
+mod control;
 mod error;
+mod files;
 mod report;
 
+pub use accept::MAX_PENDING;
+pub use control::Control;
 pub use error::{Failure, Place, PreallocError};
-pub use report::{BlockReport, ChannelReport, Failed, Outcome, Report, Summary, summary};
+pub use report::{BlockReport, ChannelReport, Failed, Outcome, Report, Summary, completed_line, summary};
 
 /// The file name of a block: bytes outside `A-Za-z0-9._-@` as `%XX`, then `.bin`.
 pub fn block_file_name(idstr: &[u8]) -> String {
@@ -113,9 +116,14 @@ pub fn run(opts: &Options) -> Outcome {
 
 /// Runs `multifd recv` with `limits`; as [`run`].
 pub fn run_with(opts: &Options, limits: &Limits) -> Outcome {
+    run_controlled(opts, limits, &Control::new())
+}
+
+/// Runs `multifd recv` with `limits`, stopped early by `control` (see [`Control`]); as [`run`].
+pub fn run_controlled(opts: &Options, limits: &Limits, control: &Control) -> Outcome {
     let start = Instant::now();
     let mut report = Report::default();
-    let result = receive(opts, limits, &mut report);
+    let result = receive(opts, limits, control, &mut report);
     report.seconds = start.elapsed().as_secs_f64();
     match result {
         Ok(()) => Ok(report),
@@ -127,15 +135,16 @@ type Session = RecvSession<WorkerToken, Failure, MAX_CHANNELS>;
 type Main = MainStream<MAX_BLOCKS>;
 type Table<'a> = BlockTable<'a, AnonMemory, MAX_BLOCKS>;
 
-/// The accepted connections: the main stream and each channel's socket, by id.
+/// The accepted connections: the main stream (a second handle, for shutting it down) and each
+/// channel's socket, by id.
 struct Conns {
     main: TcpStream,
     chans: Vec<TcpStream>,
 }
 
-use accept::{accept_all, listen};
+use accept::{Hub, PortFile, listen};
 
-fn receive(opts: &Options, limits: &Limits, report: &mut Report) -> Result<(), Failure> {
+fn receive(opts: &Options, limits: &Limits, control: &Control, report: &mut Report) -> Result<(), Failure> {
     let n = opts.channels;
     if n == 0 || usize::from(n) > MAX_CHANNELS {
         return Err(Failure::Option { option: "--channels", value: n.into() });
@@ -147,53 +156,97 @@ fn receive(opts: &Options, limits: &Limits, report: &mut Report) -> Result<(), F
     let packet = PacketConfig::new(geometry);
     let cfg = SessionConfig { uuid: opts.uuid, max_ram: limits.max_ram, ..SessionConfig::new(n, packet) };
     let mut session = Session::new(cfg).map_err(|_| Failure::Option { option: "--channels", value: n.into() })?;
-    fs::create_dir_all(&opts.out).map_err(|error| Failure::Io {
-        place: output(&opts.out),
-        doing: "creating",
-        error,
-    })?;
+    // Every output is checked before anything listens: a source must not migrate into a receiver
+    // that cannot keep the result.
+    files::prepare_out(&opts.out)?;
+    let port_file = opts.port_file.as_deref().map(PortFile::create).transpose()?;
     let mut pre = preallocate(opts, &session)?;
-    let listener = listen(opts, report)?;
-    let conns = accept_all(&listener, &session, limits)?;
-    drop(listener); // further connections are refused by the kernel now
+    let listener = listen(opts, port_file, report)?;
+    let hub = Hub::new(n);
     let total = AtomicU64::new(0);
-    let stall = Stall { total: &total, limit: limits.io_timeout };
-    let mut reader = MainReader { stream: &conns.main, buf: vec![0u8; 256 * 1024], start: 0, end: 0, stall };
-    let mut main = Main::new(&session);
-    reader.block_list(&session, &mut main)?;
-    let memories = map_blocks(&main, &mut pre, &session)?;
-    let bitmaps: Vec<Vec<AtomicWord>> = memories
-        .iter()
-        .map(|m| (0..words_for(m.len() / geometry.bytes())).map(|_| AtomicWord::new(0)).collect())
-        .collect();
-    let mut table: Table<'_> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
-    for (d, (mem, words)) in main.declared().zip(memories.iter().zip(&bitmaps)) {
-        let spec =
-            BlockSpec { name: d.name.as_bytes(), used_len: d.used_length, page_size: geometry, memory_zeroed: true };
-        let block = Name(d.name.as_bytes());
-        let error = |error| Failure::Recv(RecvError::BlockList(BlockListError::BadBlock { block: d.name, error }));
-        table.add(&spec, mem, words).map_err(error)?;
-        report.blocks.push(BlockReport {
-            name: block.text(),
-            file: opts.out.join(block_file_name(d.name.as_bytes())),
-            size: d.used_length,
-            pages: d.used_length / u64::from(opts.page_size),
-            received_pages: 0,
-        });
-    }
-    main.start(&table)?;
-    let run = Run { session: &session, table: &table, conns: &conns, stall, opts };
-    let result = run.migrate(&mut main, &mut reader, &memories, report);
+    let result = std::thread::scope(|scope| {
+        let acceptor = std::thread::Builder::new()
+            .name("recv-accept".into())
+            .spawn_scoped(scope, || hub.accept(&listener, &session, limits, control))
+            .map_err(|error| Failure::Io { place: Place::Listener, doing: "starting the acceptor thread", error })?;
+        let stall = Stall { total: &total, limit: limits.io_timeout };
+        let env = Env { opts, control, hub: &hub, session: &session, stall };
+        let result = env.receive(geometry, &mut pre, report);
+        hub.stop();
+        let _ = acceptor.join();
+        result
+    });
     report.bytes = total.load(Ordering::Relaxed);
     // Relaxed above: read after every thread was joined.
+    // The first cause wins: what the acceptor saw (a wrong connection, the accept timeout, a signal)
+    // made the other threads stop, so their errors are consequences.
+    if let Some(f) = hub.take_failure() {
+        return Err(f);
+    }
     match session.lifecycle_mut().take_error() {
         Some(e) => Err(e),
         None => result,
     }
 }
 
-fn output(p: &std::path::Path) -> Place {
-    Place::Output(p.to_path_buf())
+/// What the receive thread works with.
+struct Env<'e> {
+    opts: &'e Options,
+    control: &'e Control,
+    hub: &'e Hub,
+    session: &'e Session,
+    stall: Stall<'e>,
+}
+
+impl Env<'_> {
+    /// The main stream from its first byte: its block list, destination memory, the block files,
+    /// the stream up to its first marker while the channels connect, then the migration.
+    fn receive(&self, geometry: Geometry, pre: &mut [Prealloc], report: &mut Report) -> Result<(), Failure> {
+        let (opts, session) = (self.opts, self.session);
+        let (socket, first) = self.hub.wait_main()?;
+        let mut reader = MainReader::new(&socket, &first, self.stall);
+        let mut main = Main::new(session);
+        reader.block_list(session, &mut main)?;
+        let memories = map_blocks(&main, pre, session)?;
+        let bitmaps: Vec<Vec<AtomicWord>> = memories
+            .iter()
+            .map(|m| (0..words_for(m.len() / geometry.bytes())).map(|_| AtomicWord::new(0)).collect())
+            .collect();
+        let mut table: Table<'_> = BlockTable::new(ZeroPagePolicy::SkipUntouched);
+        for (d, (mem, words)) in main.declared().zip(memories.iter().zip(&bitmaps)) {
+            let spec = BlockSpec {
+                name: d.name.as_bytes(),
+                used_len: d.used_length,
+                page_size: geometry,
+                memory_zeroed: true,
+            };
+            let block = Name(d.name.as_bytes());
+            let error = |error| Failure::Recv(RecvError::BlockList(BlockListError::BadBlock { block: d.name, error }));
+            table.add(&spec, mem, words).map_err(error)?;
+            report.blocks.push(BlockReport {
+                name: block.text(),
+                file: opts.out.join(block_file_name(d.name.as_bytes())),
+                size: d.used_length,
+                pages: d.used_length / u64::from(opts.page_size),
+                received_pages: 0,
+            });
+        }
+        let files = files::BlockFiles::create(&opts.out, &report.blocks)?;
+        main.start(&table)?;
+        reader.until_connected(session, &mut main, &table, self.hub)?;
+        let setup = |error| Failure::Io { place: Place::Main, doing: "setting up the socket", error };
+        let conns = self.hub.take_channels(socket.try_clone().map_err(setup)?)?;
+        let run = Run {
+            session,
+            table: &table,
+            conns: &conns,
+            stall: self.stall,
+            opts,
+            hub: self.hub,
+            control: self.control,
+        };
+        run.migrate(&mut main, &mut reader, &memories, files, report)
+    }
 }
 
 /// A block's name from the wire, for messages.
@@ -275,13 +328,28 @@ struct MainReader<'s> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The connection's end was read (by [`MainReader::top_up`]).
+    eof: bool,
     stall: Stall<'s>,
 }
 
-impl MainReader<'_> {
+/// How long the main stream waits for the channels between two looks ahead in its input.
+const LOOK_AHEAD_TICK: Duration = Duration::from_millis(20);
+
+impl<'s> MainReader<'s> {
+    /// A reader whose first input is `first`, the bytes read to identify the connection.
+    fn new(stream: &'s TcpStream, first: &[u8], stall: Stall<'s>) -> Self {
+        let mut buf = vec![0u8; 256 * 1024];
+        buf[..first.len()].copy_from_slice(first);
+        Self { stream, buf, start: 0, end: first.len(), eof: false, stall }
+    }
+
     /// The unread input, reading more when it is used up; `None` at the connection's end.
     fn fill(&mut self) -> Result<Option<&[u8]>, Failure> {
         if self.start == self.end {
+            if self.eof {
+                return Ok(None);
+            }
             let limit = self.stall.limit;
             let n = read_retry(self.stream, &mut self.buf, self.stall)
                 .map_err(|error| io_failure(Place::Main, "reading", error, limit))?;
@@ -292,6 +360,34 @@ impl MainReader<'_> {
             (self.start, self.end) = (0, n);
         }
         Ok(Some(&self.buf[self.start..self.end]))
+    }
+
+    /// Reads what has arrived into the free end of the buffer, waiting at most a tick for it.
+    fn top_up(&mut self) -> Result<(), Failure> {
+        if self.eof {
+            std::thread::sleep(LOOK_AHEAD_TICK);
+            return Ok(());
+        }
+        if self.end == self.buf.len() && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        let mut pfd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid `pollfd` for the main stream's open descriptor; the count says 1.
+        let ready = unsafe { libc::poll(&mut pfd, 1, LOOK_AHEAD_TICK.as_millis() as i32) };
+        if ready <= 0 || self.end == self.buf.len() {
+            if self.end == self.buf.len() {
+                std::thread::sleep(LOOK_AHEAD_TICK);
+            }
+            return Ok(());
+        }
+        let limit = self.stall.limit;
+        let n = read_retry(self.stream, &mut self.buf[self.end..], self.stall)
+            .map_err(|error| io_failure(Place::Main, "reading", error, limit))?;
+        self.stall.moved(n);
+        self.end += n;
+        self.eof = n == 0;
+        Ok(())
     }
 
     /// Reads up to the end of the block list.
@@ -308,6 +404,48 @@ impl MainReader<'_> {
             }
         }
     }
+
+    /// Applies the main stream while the channels connect, up to its first marker (which needs
+    /// them). Parked there, it looks ahead in what has arrived: a source that sends pages on the
+    /// main stream, or asks for a return path, is refused before the accept timeout.
+    fn until_connected(
+        &mut self,
+        session: &Session,
+        main: &mut Main,
+        table: &Table<'_>,
+        hub: &Hub,
+    ) -> Result<(), Failure> {
+        let mut parked = false;
+        loop {
+            if hub.wait_all(if parked { LOOK_AHEAD_TICK } else { Duration::ZERO })? {
+                return Ok(());
+            }
+            if parked {
+                self.top_up()?;
+                main.scan_ahead(&self.buf[self.start..self.end])?;
+                if self.eof {
+                    return Err(source_gone(hub));
+                }
+                continue;
+            }
+            let Some(input) = self.fill()? else {
+                // Said where it is if the stream ended inside an item.
+                main.end()?;
+                return Err(source_gone(hub));
+            };
+            let step = main.feed(session, input, table)?;
+            self.start += step.used;
+            parked = step.state != MainState::Running;
+        }
+    }
+}
+
+/// The main stream closed before every channel was in: the source gave up (a source closes it only
+/// once the migration is over, which needs every channel). The acceptor gets a moment to find the
+/// connection that made it give up, whose error then wins (see `receive`).
+fn source_gone(hub: &Hub) -> Failure {
+    let _ = hub.wait_all(accept::GONE_GRACE);
+    Failure::SourceGone { place: Place::Main }
 }
 
 /// Everything the receive's threads share.
@@ -317,6 +455,8 @@ struct Run<'r, 't> {
     conns: &'r Conns,
     stall: Stall<'r>,
     opts: &'r Options,
+    hub: &'r Hub,
+    control: &'r Control,
 }
 
 impl Run<'_, '_> {
@@ -326,6 +466,7 @@ impl Run<'_, '_> {
         main: &mut Main,
         reader: &mut MainReader<'_>,
         mem: &[AnonMemory],
+        files: files::BlockFiles,
         report: &mut Report,
     ) -> Result<(), Failure> {
         let s = self.session;
@@ -353,7 +494,15 @@ impl Run<'_, '_> {
                     return Ok(()); // the recorded error is the caller's to return
                 }
                 totals?;
-                self.write_blocks(mem, &token, report)
+                // Complete: from here on no connection can change the outcome.
+                self.hub.stop();
+                if self.hub.failed() {
+                    return Ok(()); // the acceptor's failure is the caller's to return
+                }
+                let (user, sys) = cpu_seconds();
+                // The moment everything is in memory (before the files are written), for benchmarks.
+                log::debug!("all pages received at unix time {:.6} (cpu user {user:.3} s, sys {sys:.3} s)", unix_now());
+                files.write(mem, &token, &report.blocks, self.control)
             });
             // Relaxed: a stop flag for the progress line; the scope's join orders the rest.
             done.store(true, Ordering::Relaxed);
@@ -369,6 +518,7 @@ impl Run<'_, '_> {
         waker: &impl multifd_core::lifecycle::Wake,
     ) -> Result<(), Failure> {
         let s = self.session;
+        main.wait_marker(s, waker, ChannelId(0))?; // parked at a marker while the channels connected
         while let Some(input) = reader.fill()? {
             let step = main.feed(s, input, self.table)?;
             reader.start += step.used;
@@ -499,70 +649,37 @@ impl Run<'_, '_> {
         report.sync_epochs = t.epochs;
     }
 
-    /// Writes every block under a temporary name, then renames them all; removes what it wrote on
-    /// failure.
-    fn write_blocks(&self, mem: &[AnonMemory], token: &AllJoined<'_>, report: &Report) -> Result<(), Failure> {
-        // The moment everything is in memory (before the files are written), for benchmarks.
-        let (user, sys) = cpu_seconds();
-        eprintln!(
-            "multifd recv: all pages received at unix time {:.6} (cpu user {user:.3} s, sys {sys:.3} s)",
-            unix_now()
-        );
-        let out = &self.opts.out;
-        let mut written = Vec::new();
-        let result = (|| {
-            for (b, m) in report.blocks.iter().zip(mem) {
-                let tmp = out.join(format!(".{}.part-{}", block_file_name(b.name.as_bytes()), std::process::id()));
-                written.push(tmp.clone());
-                let bytes = m.bytes(token).map_err(|e| Failure::Recv(RecvError::ForeignToken(e)))?;
-                let io = |doing| {
-                    let place = output(&tmp);
-                    move |error| Failure::Io { place, doing, error }
-                };
-                let mut f = fs::File::create(&tmp).map_err(io("creating"))?;
-                f.write_all(&bytes[..b.size as usize]).map_err(io("writing"))?;
-            }
-            for (b, tmp) in report.blocks.iter().zip(&written) {
-                let io = |error| Failure::Io { place: output(&b.file), doing: "renaming", error };
-                fs::rename(tmp, &b.file).map_err(io)?;
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            written.iter().for_each(|w| drop(fs::remove_file(w)));
-        }
-        result
-    }
-
-    /// Progress on stderr until `done`: a bar on a terminal, a line a second otherwise.
+    /// Progress on stderr until `done`: a bar with rate and time left on a terminal (`indicatif`),
+    /// a line every 5 s otherwise.
     fn progress(&self, done: &AtomicBool) {
-        let (tty, start) = (io::stderr().is_terminal(), Instant::now());
-        let period = if tty { Duration::from_millis(200) } else { Duration::from_secs(1) };
-        let mut next = Instant::now() + period;
+        let page = u64::from(self.opts.page_size);
+        let all: u64 = self.table.iter().map(|(_, b)| b.pages() as u64).sum::<u64>() * page;
+        let got = || self.table.iter().map(|(_, b)| b.bitmap().count() as u64).sum::<u64>() * page;
+        let tty = io::stderr().is_terminal();
+        let bar = indicatif::ProgressBar::new(all);
+        if tty {
+            let style = indicatif::ProgressStyle::with_template(
+                "{bar:30} {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            );
+            bar.set_style(style.unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        }
+        let (start, mut next) = (Instant::now(), Instant::now());
         // Relaxed: a stop flag; nothing is published through it.
         while !done.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(20));
-            if Instant::now() < next {
-                continue;
-            }
-            next += period;
-            let (got, all) =
-                self.table.iter().fold((0usize, 0usize), |(g, a), (_, b)| (g + b.bitmap().count(), a + b.pages()));
-            // Relaxed: a statistic.
-            let mib = self.stall.total.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0);
-            let pct = if all == 0 { 0.0 } else { 100.0 * got as f64 / all as f64 };
-            let (t, epochs) = (start.elapsed().as_secs_f64(), self.session.epochs());
+            std::thread::sleep(Duration::from_millis(50));
+            let (now, epochs) = (got(), self.session.epochs());
             if tty {
-                let filled = ((pct / 100.0 * 30.0) as usize).min(30);
-                let bar = format!("{}{}", "#".repeat(filled), " ".repeat(30 - filled));
-                eprint!("\r[{bar}] {pct:5.1}% {got}/{all} pages, {mib:.1} MiB, {epochs} epochs, {t:.1} s");
-            } else {
-                eprintln!("multifd recv: {got}/{all} pages ({pct:.1}%), {mib:.1} MiB, {epochs} epochs, {t:.1} s");
+                bar.set_position(now);
+                bar.set_message(format!("{epochs} sync epoch{}", accept::plural(epochs.into())));
+            } else if Instant::now() >= next {
+                next += Duration::from_secs(5);
+                let pct = if all == 0 { 0.0 } else { 100.0 * now as f64 / all as f64 };
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                let t = start.elapsed().as_secs_f64();
+                log::info!("{:.1} of {:.1} MiB ({pct:.1}%), {epochs} sync epochs, {t:.1} s", mib(now), mib(all));
             }
         }
-        if tty {
-            eprintln!();
-        }
+        bar.finish_and_clear();
     }
 }
 

@@ -3,7 +3,6 @@
 
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -94,21 +93,6 @@ pub(crate) fn readv_raw(fd: i32, iov: &[libc::iovec], stall: Stall<'_>) -> io::R
             return Err(e);
         }
     }
-}
-
-/// Whether the peer of `stream` has closed its sending side (TCP state CLOSE_WAIT or later), from
-/// `TCP_INFO`; false when the state cannot be read.
-pub(crate) fn peer_closed(stream: &TcpStream) -> bool {
-    // `tcpi_state` is the first byte of `struct tcp_info`; the rest is not needed.
-    let mut info = [0u8; 256];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: `info` is a writable buffer of `len` bytes; the kernel writes at most `len` bytes and
-    // stores the length used in `len`.
-    let rc = unsafe {
-        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
-    };
-    // Linux TCP states: 8 CLOSE_WAIT, 9 LAST_ACK, 7 CLOSE (after a reset).
-    rc == 0 && len >= 1 && matches!(info[0], 7..=9)
 }
 
 /// CPU seconds (user, system) this process has used so far, every thread included.

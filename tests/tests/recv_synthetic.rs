@@ -46,17 +46,9 @@ fn recv_epoch_barrier_orders_a_page_resent_on_another_channel() {
         let main = connect(recv.port, &main_stream(2, true));
         let c1 = connect(recv.port, &ch1);
         let mut c0 = connect(recv.port, &ch0[..64]);
-        // Every connection is in: a further one is refused (the listener is closed).
-        let mut refused = false;
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", recv.port)).is_err() {
-                refused = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(refused, "an extra connection was accepted");
-        std::thread::sleep(Duration::from_millis(300));
+        // Let channel 1 run ahead to its park at epoch 2 while channel 0 holds its epoch-1 data
+        // back (the order is only what makes the test worth running; the result holds in any).
+        std::thread::sleep(Duration::from_millis(500));
         c0.write_all(&ch0[64..]).unwrap();
         drop((main, c0, c1));
         let (code, json, stderr) = recv.wait(10);
@@ -105,8 +97,10 @@ fn recv_refuses_bad_handshakes() {
         let main = main_stream(1, true);
         let (line, _, _) = expect_failure("dup-main", &[], &[main.clone(), main]);
         assert!(line.contains("connection #1") && line.contains("second main stream"), "{line}");
-        let (line, _, _) = expect_failure("magic", &[], &[b"GET / HTTP/1.0\r\n".to_vec()]);
-        assert!(line.contains("connection #0"), "{line}");
+        // Not a migration's connection: dropped (logged), so the channels are missing at the end.
+        let http = [b"GET / HTTP/1.0\r\n".to_vec()];
+        let (line, _, _) = expect_failure("magic", &["--accept-timeout", "1"], &http);
+        assert!(line.contains("never connected") && line.contains("1 other connection was dropped"), "{line}");
     });
 }
 

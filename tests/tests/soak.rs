@@ -253,8 +253,11 @@ fn one_run(dir: &Path, size: usize, image_seed: u64, fault: Option<Fault>) -> (R
     let stop = AtomicBool::new(false);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
     let proxy_port = listener.local_addr().expect("proxy address").port();
+    // A connection cut before it identified itself is dropped as a stranger's; the accept timeout,
+    // short here, then ends the run (the faults make such runs common).
+    let limits = recv::Limits { accept_timeout: Some(Duration::from_secs(3)), ..recv::Limits::default() };
     let (report, sent, fired) = std::thread::scope(|s| {
-        let receiver = s.spawn(|| recv::run(&ropts));
+        let receiver = s.spawn(|| recv::run_with(&ropts, &limits));
         let t0 = Instant::now();
         let port = loop {
             if let Some(p) = std::fs::read_to_string(&port_file).ok().and_then(|t| t.trim().parse::<u16>().ok()) {

@@ -102,6 +102,19 @@ pub enum Failure {
         channels: Vec<u8>,
         /// The accept timeout.
         waited: Duration,
+        /// Connections dropped meanwhile without being identified (each was logged).
+        ignored: usize,
+    },
+    /// The main stream or a channel closed while other connections were still missing: the source
+    /// gave up.
+    SourceGone {
+        /// The channel.
+        place: Place,
+    },
+    /// A signal (or [`Control::stop`](super::Control::stop)) stopped the receive; nothing was kept.
+    Interrupted {
+        /// The signal's number; `None` when stopped through the API.
+        signal: Option<i32>,
     },
     /// No byte arrived on any connection for the io timeout while this one was read.
     Stalled {
@@ -131,15 +144,31 @@ impl fmt::Display for Failure {
                 write!(f, "block {block:?}: --prealloc size does not fit this machine")
             }
             Failure::Option { option, value } => write!(f, "{option} {value} is out of range"),
-            Failure::NeverConnected { main, channels, waited } => {
+            Failure::NeverConnected { main, channels, waited, ignored } => {
                 let mut missing: Vec<String> = Vec::new();
                 if *main {
                     missing.push("main stream".into());
                 }
                 missing.extend(channels.iter().map(|c| format!("channel {c}")));
                 let (who, waited) = (missing.join(", "), secs(*waited));
-                write!(f, "{who} never connected: still missing {waited} after the first connection (--accept-timeout)")
+                write!(
+                    f,
+                    "{who} never connected: still missing {waited} after the first connection (--accept-timeout)"
+                )?;
+                match ignored {
+                    0 => Ok(()),
+                    1 => write!(f, "; 1 other connection was dropped unidentified (see the log)"),
+                    n => write!(f, "; {n} other connections were dropped unidentified (see the log)"),
+                }
             }
+            Failure::SourceGone { place } => write!(
+                f,
+                "{place}: closed by the source before every connection was in (it gave up; its own log says why)"
+            ),
+            Failure::Interrupted { signal: Some(s) } => {
+                write!(f, "interrupted by {}; nothing was kept", signal_name(*s))
+            }
+            Failure::Interrupted { signal: None } => write!(f, "stopped; nothing was kept"),
             Failure::Stalled { place, doing, waited } => write!(
                 f,
                 "{place}: stalled: no data arrived on any connection for {} while {doing} (--io-timeout)",
@@ -150,6 +179,16 @@ impl fmt::Display for Failure {
 }
 
 impl std::error::Error for Failure {}
+
+/// `SIGINT`, `SIGTERM`, or `signal N`.
+pub(crate) fn signal_name(signal: i32) -> String {
+    match signal {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
+}
 
 impl From<StartError> for Failure {
     fn from(e: StartError) -> Self {

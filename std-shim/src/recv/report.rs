@@ -105,3 +105,21 @@ pub fn summary(outcome: &Outcome) -> Summary<'_> {
         Err(f) => Summary { status: "failed", error: Some(f.error.to_string()), report: &f.report },
     }
 }
+
+/// The one-line summary of a completed receive, e.g. `1 block (16.0 MiB, 4096 pages) in 0.41 s,
+/// 39.0 MiB/s, 3 sync epochs`.
+pub fn completed_line(r: &Report) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let (size, pages) = r.blocks.iter().fold((0, 0), |(s, p), b| (s + b.size, p + b.pages));
+    let n = r.blocks.len();
+    let rate = if r.seconds > 0.0 { mib(r.bytes) / r.seconds } else { 0.0 };
+    format!(
+        "{n} block{} ({:.1} MiB, {pages} page{}) in {:.2} s, {rate:.1} MiB/s on the wire, {} sync epoch{}",
+        if n == 1 { "" } else { "s" },
+        mib(size),
+        if pages == 1 { "" } else { "s" },
+        r.seconds,
+        r.sync_epochs,
+        if r.sync_epochs == 1 { "" } else { "s" },
+    )
+}
