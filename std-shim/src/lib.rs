@@ -18,9 +18,20 @@ pub mod send;
 mod util;
 
 /// Sets up `log` output for the command-line tool: `RUST_LOG` wins, otherwise `default_level`.
+/// Lines read `multifd: message`, with the level after the prefix unless it is `info`.
 pub fn init_logging(default_level: log::LevelFilter) {
+    init_logging_as("multifd", default_level);
+}
+
+/// As [`init_logging`], with `prefix` (e.g. `multifd recv`) starting every line, so that log lines
+/// and the tool's own messages read alike.
+pub fn init_logging_as(prefix: &'static str, default_level: log::LevelFilter) {
+    use std::io::Write;
     let mut builder = env_logger::Builder::new();
-    builder.filter_level(default_level).parse_default_env().format_target(false);
+    builder.filter_level(default_level).parse_default_env().format(move |f, record| match record.level() {
+        log::Level::Info => writeln!(f, "{prefix}: {}", record.args()),
+        level => writeln!(f, "{prefix}: {}: {}", level.as_str().to_ascii_lowercase(), record.args()),
+    });
     // A second call (tests, embedders that already set a logger) is not an error worth failing on.
     let _ = builder.try_init();
 }

@@ -12,15 +12,27 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// QEMU-compatible multifd live-migration channels, in Rust.
-///
-/// Subcommands arrive as the engines land: `recv`, `send`, `demo` and `inspect`.
+/// Move guest RAM between hosts the way QEMU's multifd does: receive a live migration from a QEMU
+/// source, migrate RAM images into a QEMU destination, decode captured streams, or watch a demo.
 #[derive(Debug, Parser)]
-#[command(name = "multifd", version, about, long_about = None)]
+#[command(
+    name = "multifd",
+    version,
+    after_help = "Examples:\n  \
+        multifd demo --size 256M --channels 4\n  \
+        multifd recv --listen 0.0.0.0:4444 --channels 4 --out /var/lib/guest\n  \
+        multifd send --connect 10.0.0.2:4444 --channels 4 --image ram.img:pc.ram\n  \
+        multifd inspect main.bin chan0.bin\n\n\
+        Sizes take K, M, G and T suffixes, powers of 1024 (1G = 1073741824 bytes).\n\
+        `multifd <command> --help` tells what each command needs from QEMU."
+)]
 struct Cli {
     /// More log output (-v: debug, -vv: trace). `RUST_LOG` overrides this.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Only warnings and errors (no progress, no summary line); results as exit code and `--json`.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -29,6 +41,7 @@ struct Cli {
 enum Command {
     /// Accept a live migration (main stream and N multifd channels) and write each RAM block to
     /// `DIR/<idstr>.bin`. Exit code 0 only when the migration completed and every page arrived.
+    #[command(after_long_help = RECV_HELP)]
     Recv {
         /// Address to listen on (port 0: any free port, written to --port-file and printed).
         #[arg(long)]
@@ -137,6 +150,30 @@ enum Command {
     },
 }
 
+/// What `multifd recv --help` adds after the options.
+const RECV_HELP: &str = "\
+What the source must use (QEMU 7.2 to 10.0 were tested):
+  - the multifd capability on both sides, and multifd-channels equal to --channels;
+  - plain TCP (no TLS), no multifd-compression, no mapped-ram, no postcopy-ram;
+  - return-path off: a source that asks for a return path is refused at once, since this
+    receiver does not answer on one;
+  - any zero-page-detection (multifd, legacy or none) and any page size --page-size names.
+A source that has silently dropped multifd (it sends pages on the main stream) is refused at once.
+
+Connections that are not part of the migration (port probes, health checks, stray clients) are
+dropped with a log line and never fail it; a connection that presents itself as a channel but is
+wrong (bad init packet, id out of range, duplicate, other uuid) fails it.
+
+Block files are created under a random name with O_EXCL, mode 0600, and renamed into place only
+once every page arrived; a failure, SIGINT or SIGTERM removes them (exit 130 or 143 on a signal).
+
+Example, destination:
+  multifd recv --listen 0.0.0.0:4444 --channels 4 --out /var/lib/guest --json
+and on the QEMU source (QMP):
+  migrate-set-capabilities multifd=on
+  migrate-set-parameters multifd-channels=4
+  migrate uri=tcp:DEST:4444";
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LayoutArg {
     /// QEMU 7.2 to 8.2 (no zero_pages field).
@@ -149,19 +186,24 @@ enum LayoutArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => log::LevelFilter::Info,
-        1 => log::LevelFilter::Debug,
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => log::LevelFilter::Warn,
+        (false, 0) => log::LevelFilter::Info,
+        (false, 1) => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    multifd_std::init_logging(level);
+    let prefix = match &cli.command {
+        Some(Command::Recv { .. }) => "multifd recv",
+        Some(Command::Send { .. }) => "multifd send",
+        Some(Command::Demo { .. }) => "multifd demo",
+        Some(Command::Inspect { .. }) => "multifd inspect",
+        None => "multifd",
+    };
+    multifd_std::init_logging_as(prefix, level);
+    let quiet = cli.quiet;
     match cli.command {
         None => {
-            eprintln!(
-                "multifd {} (core {}): see `multifd --help`",
-                env!("CARGO_PKG_VERSION"),
-                multifd_std::multifd_core::VERSION
-            );
+            let _ = <Cli as clap::CommandFactory>::command().print_help();
             ExitCode::from(2)
         }
         Some(Command::Demo { size, channels, rounds, zero_percent, seed, json }) => {
@@ -204,8 +246,9 @@ fn main() -> ExitCode {
                 io_timeout: io_timeout.0,
                 max_ram: max_ram.unwrap_or_else(recv::physical_ram),
             };
-            let opts = recv::Options { listen, channels, out, uuid, page_size, port_file, prealloc, progress: !json };
-            recv_cli(&opts, &limits, json)
+            let progress = !json && !quiet;
+            let opts = recv::Options { listen, channels, out, uuid, page_size, port_file, prealloc, progress };
+            recv_cli(&opts, &limits, json, quiet)
         }
         Some(Command::Inspect { files, json, page_size, layout }) => {
             let layout = match layout {
@@ -234,26 +277,30 @@ fn print_json(value: &impl serde::Serialize) {
     }
 }
 
-fn recv_cli(opts: &recv::Options, limits: &recv::Limits, json: bool) -> ExitCode {
-    let outcome = recv::run_with(opts, limits);
+fn recv_cli(opts: &recv::Options, limits: &recv::Limits, json: bool, quiet: bool) -> ExitCode {
+    let control = recv::Control::new();
+    if let Err(e) = control.on_signals() {
+        eprintln!("multifd recv: installing the SIGINT/SIGTERM handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    let outcome = recv::run_controlled(opts, limits, &control);
     if json {
         print_json(&recv::summary(&outcome));
     }
     match &outcome {
         Ok(r) => {
-            let pages: u64 = r.blocks.iter().map(|b| b.pages).sum();
-            eprintln!(
-                "multifd recv: completed: {} blocks, {pages} pages, {} bytes in {:.3} s, {} epochs",
-                r.blocks.len(),
-                r.bytes,
-                r.seconds,
-                r.sync_epochs
-            );
+            if !quiet {
+                eprintln!("multifd recv: completed: {}", recv::completed_line(r));
+            }
             ExitCode::SUCCESS
         }
         Err(f) => {
             eprintln!("multifd recv: failed: {}", f.error);
-            ExitCode::FAILURE
+            match f.error {
+                // The shell's code for death by that signal, as if the default action had run.
+                recv::Failure::Interrupted { signal: Some(sig) } => ExitCode::from(128u8.saturating_add(sig as u8)),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

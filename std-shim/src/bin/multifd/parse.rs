@@ -62,12 +62,11 @@ pub(crate) struct Timeout(pub(crate) Option<Duration>);
 
 /// Parses a timeout in seconds (fractions allowed): 0 means no limit; at most a year.
 pub(crate) fn timeout(s: &str) -> Result<Timeout, String> {
-    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("{s:?}: a timeout is 0 (no limit) or a positive number of seconds"));
-    }
-    if v > MAX_TIMEOUT_SECS {
-        return Err(format!("{s:?}: a timeout is at most {MAX_TIMEOUT_SECS} seconds (a year); 0 means no limit"));
+    let range =
+        || format!("{s}: a timeout is a number of seconds, at most {MAX_TIMEOUT_SECS} (a year); 0 means no limit");
+    let v: f64 = s.trim().parse().map_err(|_| range())?;
+    if !v.is_finite() || !(0.0..=MAX_TIMEOUT_SECS).contains(&v) {
+        return Err(range());
     }
     let d = Duration::try_from_secs_f64(v).map_err(|e| format!("{s:?}: {e}"))?;
     Ok(Timeout((!d.is_zero()).then_some(d)))
