@@ -236,13 +236,13 @@ pub enum RecvError {
     /// The source asked for a return path (QEMU's `return-path` capability, command 1 on the main
     /// stream). This receiver never answers on one, and the source would wait for the answer.
     ReturnPath {
-        /// Main-stream offset of the command.
+        /// Main-stream offset of the command's header (after its section-type byte).
         position: u64,
     },
     /// A page with its data arrived on the main stream: the source is not using multifd (QEMU sends
     /// every page on its channels when it does), so no channel will carry the pages.
     NotMultifd {
-        /// Main-stream offset of the page record.
+        /// Main-stream offset of the page's data.
         position: u64,
     },
 }

@@ -536,7 +536,7 @@ impl<const B: usize> MainStream<B> {
                     }
                 }
                 Some(Event::Command { cmd: OPEN_RETURN_PATH, .. }) => {
-                    return Err(RecvError::ReturnPath { position: item });
+                    return Err(RecvError::ReturnPath { position: self.parser.item_position() });
                 }
                 Some(
                     Event::ZeroPage { .. } | Event::PageData { .. } | Event::Eof | Event::MultifdFlush | Event::Eos,
@@ -614,8 +614,12 @@ impl<const B: usize> MainStream<B> {
                     let position = self.parser.item_position();
                     return Err(RecvError::BlockList(BlockListError::Repeated { position }));
                 }
-                Event::PageData { .. } => return Err(RecvError::NotMultifd { position: item }),
-                Event::Command { cmd: OPEN_RETURN_PATH, .. } => return Err(RecvError::ReturnPath { position: item }),
+                Event::PageData { .. } => {
+                    return Err(RecvError::NotMultifd { position: self.parser.item_position() });
+                }
+                Event::Command { cmd: OPEN_RETURN_PATH, .. } => {
+                    return Err(RecvError::ReturnPath { position: self.parser.item_position() });
+                }
                 _ => {}
             }
             if self.recv.on_event(&ev, table)? == MainAction::Marker {
@@ -632,16 +636,23 @@ impl<const B: usize> MainStream<B> {
     pub fn scan_ahead(&self, mut input: &[u8]) -> Result<(), RecvError> {
         let mut parser = self.parser.clone();
         while !input.is_empty() {
-            let item = parser.item_position();
             let Ok((n, ev)) = parser.feed(input) else { return Ok(()) };
             input = &input[n..];
-            match ev {
-                Some(Event::PageData { .. }) => return Err(RecvError::NotMultifd { position: item }),
-                Some(Event::Command { cmd: OPEN_RETURN_PATH, .. }) => {
-                    return Err(RecvError::ReturnPath { position: item });
-                }
-                Some(Event::Eof) => return Ok(()),
-                _ => {}
+            let (page, return_path, eof) = match ev {
+                Some(Event::PageData { .. }) => (true, false, false),
+                Some(Event::Command { cmd: OPEN_RETURN_PATH, .. }) => (false, true, false),
+                Some(Event::Eof) => (false, false, true),
+                _ => (false, false, false),
+            };
+            let position = parser.item_position();
+            if page {
+                return Err(RecvError::NotMultifd { position });
+            }
+            if return_path {
+                return Err(RecvError::ReturnPath { position });
+            }
+            if eof {
+                return Ok(());
             }
         }
         Ok(())

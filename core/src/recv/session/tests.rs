@@ -491,8 +491,10 @@ fn a_page_on_the_main_stream_means_no_multifd_and_is_refused() {
     main.read_block_list(&s, &bytes[..head]).unwrap();
     main.start(&t).unwrap();
     // Looking ahead finds it without applying anything; feeding refuses it.
-    assert_eq!(main.scan_ahead(&bytes[head..]), Err(RecvError::NotMultifd { position: head as u64 }));
-    assert_eq!(main.feed(&s, &bytes[head..], &t), Err(RecvError::NotMultifd { position: head as u64 }));
+    // The position is the page data's: after the record's 8-byte header and the block name.
+    let data = head as u64 + 8 + 3;
+    assert_eq!(main.scan_ahead(&bytes[head..]), Err(RecvError::NotMultifd { position: data }));
+    assert_eq!(main.feed(&s, &bytes[head..], &t), Err(RecvError::NotMultifd { position: data }));
     assert!(g.mem.iter().all(|b| b.load(Ordering::Relaxed) == 0), "the page was written");
 }
 
@@ -515,9 +517,9 @@ fn looking_ahead_from_a_marker_finds_a_page_after_it_and_nothing_in_a_multifd_st
     let step = main.feed(&s, &bytes[head..], &t).unwrap();
     assert_eq!(step.state, MainState::AtMarker, "the first EOS is a marker");
     let rest = &bytes[head + step.used..];
-    assert_eq!(main.scan_ahead(rest), Err(RecvError::NotMultifd { position: page_at }));
-    // Cut inside the page record: nothing to say yet.
-    assert_eq!(main.scan_ahead(&rest[..rest.len() - 10]), Ok(()));
+    assert_eq!(main.scan_ahead(rest), Err(RecvError::NotMultifd { position: page_at + 8 + 3 }));
+    // Cut inside the page record's header, before its data: nothing to say yet.
+    assert_eq!(main.scan_ahead(&rest[..rest.len() - PS - 2]), Ok(()));
     // A multifd stream's tail after its marker holds no page.
     let mut multifd = full_block();
     multifd.extend(main_tail(2));
@@ -538,7 +540,8 @@ fn a_return_path_request_is_refused_where_it_is() {
     emit(&mut bytes, Record::Configuration { machine: b"none" });
     let at = bytes.len() as u64;
     emit(&mut bytes, Record::Command { cmd: 1, data: &[] });
-    assert_eq!(main.read_block_list(&s, &bytes), Err(RecvError::ReturnPath { position: at }));
+    // The position is the command header's, after the section-type byte.
+    assert_eq!(main.read_block_list(&s, &bytes), Err(RecvError::ReturnPath { position: at + 1 }));
     // Other commands (a ping, switchover start) are skipped as before.
     let mut main: MainStream<2> = MainStream::new(&s);
     let mut bytes = Vec::new();
