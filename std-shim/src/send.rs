@@ -180,23 +180,114 @@ pub struct ImageSet {
     pub blocks: Vec<(String, GuestImage)>,
 }
 
+/// The page size [`ImageSet::load`] checks image sizes against: the one `multifd send` migrates with.
+pub const IMAGE_PAGE_SIZE: u32 = 4096;
+
 impl ImageSet {
-    /// Maps `FILE[:NAME]` specs (see [`GuestImage::map_file`]); a block's name defaults to the file stem.
+    /// Maps `FILE[:NAME]` specs (see [`GuestImage::map_file`]); a block's name defaults to the file
+    /// stem. Each file must be a non-empty regular file of whole [`IMAGE_PAGE_SIZE`] pages, and no
+    /// two specs may give the same block name; otherwise [`SendFailure::ImageSpec`] says which spec
+    /// and why, before any file is mapped.
     pub fn load(specs: &[String]) -> Result<Self, SendFailure> {
-        let mut blocks = Vec::new();
-        for spec in specs {
-            let (path, name) = match spec.rsplit_once(':') {
-                Some((p, n)) if !n.is_empty() && !n.contains('/') => (PathBuf::from(p), n.to_owned()),
-                _ => {
-                    let p = PathBuf::from(spec);
-                    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    (p, stem)
-                }
+        Self::load_for_page_size(specs, IMAGE_PAGE_SIZE)
+    }
+
+    /// As [`ImageSet::load`], checking sizes against `page_size`.
+    pub fn load_for_page_size(specs: &[String], page_size: u32) -> Result<Self, SendFailure> {
+        let parsed: Vec<(PathBuf, String)> = specs.iter().map(|s| split_spec(s)).collect();
+        for (i, (path, name)) in parsed.iter().enumerate() {
+            let refuse = |problem| SendFailure::ImageSpec { spec: specs[i].clone(), problem };
+            if let Some(first) = parsed[..i].iter().position(|(_, n)| n == name) {
+                return Err(refuse(ImageProblem::DuplicateName { name: name.clone(), first: specs[first].clone() }));
+            }
+            let meta = std::fs::metadata(path).map_err(|err| SendFailure::Image { path: path.clone(), err })?;
+            let problem = if meta.is_dir() {
+                Some(ImageProblem::Directory)
+            } else if !meta.is_file() {
+                Some(ImageProblem::NotRegularFile)
+            } else {
+                size_problem(meta.len(), page_size)
             };
+            if let Some(problem) = problem {
+                return Err(refuse(problem));
+            }
+        }
+        let mut blocks = Vec::with_capacity(parsed.len());
+        for (i, (path, name)) in parsed.into_iter().enumerate() {
             let image = GuestImage::map_file(&path).map_err(|err| SendFailure::Image { path: path.clone(), err })?;
+            // The file may have changed since it was checked: the mapping's length is what is sent.
+            if let Some(problem) = size_problem(image.len() as u64, page_size) {
+                return Err(SendFailure::ImageSpec { spec: specs[i].clone(), problem });
+            }
             blocks.push((name, image));
         }
         Ok(Self { blocks })
+    }
+}
+
+/// Splits `FILE[:NAME]`: a NAME is what follows the last colon, if that is neither empty nor holds
+/// a `/` (then the whole spec is the file, and the name its stem).
+fn split_spec(spec: &str) -> (PathBuf, String) {
+    match spec.rsplit_once(':') {
+        Some((p, n)) if !n.is_empty() && !n.contains('/') => (PathBuf::from(p), n.to_owned()),
+        _ => {
+            let p = PathBuf::from(spec);
+            let stem = default_block_name(&p);
+            (p, stem)
+        }
+    }
+}
+
+/// What is wrong with an image of `len` bytes as a RAM block of `page_size` pages, if anything.
+fn size_problem(len: u64, page_size: u32) -> Option<ImageProblem> {
+    if len == 0 {
+        Some(ImageProblem::Empty)
+    } else if !len.is_multiple_of(u64::from(page_size.max(1))) {
+        Some(ImageProblem::NotWholePages { len, page_size })
+    } else {
+        None
+    }
+}
+
+/// Why an image spec was refused (see [`ImageSet::load`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ImageProblem {
+    /// The file is empty: a block without pages, which a destination refuses.
+    Empty,
+    /// The file's size is not a whole number of pages.
+    NotWholePages {
+        /// Its size in bytes.
+        len: u64,
+        /// The page size.
+        page_size: u32,
+    },
+    /// The path is a directory.
+    Directory,
+    /// The path is neither a regular file nor a directory (a FIFO, a socket, a device).
+    NotRegularFile,
+    /// An earlier spec already gives a block this name.
+    DuplicateName {
+        /// The block name.
+        name: String,
+        /// The earlier spec.
+        first: String,
+    },
+}
+
+impl fmt::Display for ImageProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("the file is empty (a RAM block needs at least one page)"),
+            Self::NotWholePages { len, page_size } => {
+                write!(f, "its size, {len} bytes, is not a multiple of the {page_size}-byte page size")
+            }
+            Self::Directory => f.write_str("is a directory"),
+            Self::NotRegularFile => f.write_str("is not a regular file"),
+            Self::DuplicateName { name, first } => {
+                write!(f, "block name {name:?} is already used by --image {first:?}")
+            }
+        }
     }
 }
 
@@ -219,6 +310,13 @@ impl SourceBlocks for ImageSet {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SendFailure {
+    /// An image spec was refused before anything was connected.
+    ImageSpec {
+        /// The spec, as given (`FILE[:NAME]`).
+        spec: String,
+        /// What is wrong with it.
+        problem: ImageProblem,
+    },
     /// An image file could not be read.
     Image {
         /// The file.
@@ -297,6 +395,7 @@ pub enum PeerAction {
 impl fmt::Display for SendFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::ImageSpec { spec, problem } => write!(f, "--image {spec:?}: {problem}"),
             Self::Image { path, err } => write!(f, "image {}: {err}", path.display()),
             Self::Engine(e) => write!(f, "{e}"),
             Self::Connect { what, addr, err } => write!(f, "{what}: connect to {addr}: {err}"),

@@ -113,6 +113,7 @@ enum Command {
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
         channels: u8,
         /// RAM image `FILE[:NAME]`; NAME defaults to the file stem (`m0` for `-M none,memory-backend=m0`).
+        /// Each must be a non-empty regular file of whole 4096-byte pages, each NAME used once.
         #[arg(long = "image", required = true)]
         images: Vec<String>,
         /// Machine type in the configuration section (must match the destination's).
