@@ -21,14 +21,14 @@ use multifd_core::send::{
     MainSink, Notify, Precopy, PrecopyError, Quiescent, RoundStats, SendEngine, SendError, SourceBlocks, Step, Summary,
     precopy,
 };
-use multifd_core::wire::{Geometry, Layout};
+use multifd_core::wire::{Geometry, Layout, MAIN_MAGIC, MAIN_VERSION};
 use serde::Serialize;
 
 use crate::platform::{Role, StartError, StdWaker, WakeHook, WorkerToken, run_scoped};
 use crate::util::{Stall, lock, secs, timed_out, unix_now};
 
-/// Channels a std migration can have (the engine's capacity).
-pub const MAX_SEND_CHANNELS: usize = 16;
+/// Channels a std migration can have (the engine's capacity): as many as QEMU allows.
+pub const MAX_SEND_CHANNELS: usize = multifd_core::lifecycle::MAX_CHANNELS;
 
 /// Guest memory of one RAM block on the source: channel workers read it, and the embedder may change
 /// it between rounds while it holds the engine's [`Quiescent`] token. Either a heap buffer
@@ -353,6 +353,8 @@ pub enum SendFailure {
         /// The error.
         err: io::Error,
     },
+    /// The thread that builds the engine could not be started.
+    Setup(io::Error),
     /// Cancelled (SIGINT or the cancel flag).
     Interrupted,
     /// A connection was not established within the connect timeout.
@@ -405,6 +407,7 @@ impl fmt::Display for SendFailure {
             Self::Channel { channel, packet_num: None, err } => write!(f, "channel {channel}: init packet: {err}"),
             Self::Main(err) => write!(f, "main stream: {err}"),
             Self::Spawn { channel, err } => write!(f, "channel {channel}: starting its worker: {err}"),
+            Self::Setup(err) => write!(f, "starting the thread that builds the send engine: {err}"),
             Self::Interrupted => f.write_str("interrupted: migration cancelled"),
             Self::ConnectTimeout { what, addr, waited } => {
                 write!(f, "{what}: connect to {addr}: no answer within {} (--connect-timeout)", secs(*waited))
@@ -597,12 +600,25 @@ impl Notify for SendNotify {
 struct MainStream<'a> {
     stream: &'a TcpStream,
     stall: Stall<'a>,
+    /// What [`connect_main`] already wrote, which the driver's first write starts with: dropped then.
+    sent_early: Option<&'a [u8]>,
 }
 
 impl MainSink for MainStream<'_> {
     type Error = SendFailure;
     fn write(&mut self, bytes: &[u8]) -> Result<(), SendFailure> {
         let what = || "main stream".to_owned();
+        let bytes = match self.sent_early.take() {
+            None => bytes,
+            Some(sent) => bytes.strip_prefix(sent).ok_or_else(|| {
+                // Local invariant: the precopy driver's first record is the file header.
+                SendFailure::Main(io::Error::other("the first record is not the file header sent at connect"))
+            })?,
+        };
+        if bytes.is_empty() {
+            // A write of nothing would read as a closed connection (`WriteZero`).
+            return Ok(());
+        }
         write_all_vectored(self.stream, &mut [IoSlice::new(bytes)], self.stall).map_err(|err| {
             match self.stall.limit {
                 Some(waited) if timed_out(&err) => SendFailure::Stalled { what: what(), packet_num: None, waited },
@@ -632,6 +648,29 @@ fn check_peer(stream: &TcpStream) -> Result<(), Result<SendFailure, PeerAction>>
             }
         }
     }
+}
+
+/// The main stream's file header (magic and version), as the precopy driver's first record encodes it.
+const FILE_HEADER: &[u8] = &{
+    let mut b = [0u8; 8];
+    let (magic, version) = (MAIN_MAGIC.to_be_bytes(), MAIN_VERSION.to_be_bytes());
+    let mut i = 0;
+    while i < 4 {
+        (b[i], b[4 + i]) = (magic[i], version[i]);
+        i += 1;
+    }
+    b
+};
+
+/// Connects the main stream and writes its file header at once, before any channel connects. A
+/// destination that accepts one connection at a time and tells them apart by their first bytes
+/// (as `multifd recv` does) then identifies the main stream without waiting: otherwise it waits on
+/// it while the channels queue up in its listen backlog, and beyond the backlog (128 connections
+/// for a std listener) the next channel's connect times out. The bytes on the wire are the same.
+fn connect_main(opts: &SendOptions, limits: &SendLimits) -> Result<TcpStream, SendFailure> {
+    let main = connect(opts.connect, "main stream".into(), limits)?;
+    (&main).write_all(FILE_HEADER).map_err(SendFailure::Main)?;
+    Ok(main)
 }
 
 fn connect(addr: SocketAddr, what: String, limits: &SendLimits) -> Result<TcpStream, SendFailure> {
@@ -791,13 +830,13 @@ pub fn migrate_with<P: Precopy + ?Sized>(
     embedder: &mut P,
     cancel: &AtomicBool,
 ) -> Result<SendReport, SendFailure> {
-    let geometry = Geometry::new(opts.page_size).map_err(|_| {
-        SendFailure::Engine(SendError::BlockLength { block: 0, used_len: 0, page_size: opts.page_size })
-    })?;
-    let engine: Box<Engine<'_>> =
-        Box::new(SendEngine::new(opts.channels, blocks, geometry, Layout::V9_0).map_err(SendFailure::Engine)?);
+    let engine = new_engine(opts, blocks)?;
+    // Relaxed: see the watcher below. A cancel that came before is not left waiting on connects.
+    if cancel.load(Ordering::Relaxed) {
+        return Err(SendFailure::Interrupted);
+    }
     let t0 = Instant::now();
-    let main = connect(opts.connect, "main stream".into(), limits)?;
+    let main = connect_main(opts, limits)?;
     let written = AtomicU64::new(0);
     let pace = limits.max_bandwidth.map(|bytes_per_sec| Pace { bytes_per_sec, next: Mutex::new(None) });
     let main_clone = main.try_clone().map_err(SendFailure::Main)?;
@@ -839,7 +878,7 @@ pub fn migrate_with<P: Precopy + ?Sized>(
                 engine_ref.lifecycle().create_all(platform, |id| open_channel(opts, limits, id, &streams, &shutdowns));
             let result = match created {
                 Ok(r) if r.started == opts.channels => {
-                    let mut main = MainStream { stream: &main, stall };
+                    let mut main = MainStream { stream: &main, stall, sent_early: Some(FILE_HEADER) };
                     run_precopy(engine_ref, platform, &notify, &mut main, &mut recording, opts)
                 }
                 _ => Err(None::<()>),
@@ -862,6 +901,28 @@ pub fn migrate_with<P: Precopy + ?Sized>(
         }
         _ => Err(take_error(&mut engine)),
     }
+}
+
+/// The engine for `opts` and `blocks`, built in its box. With room for [`MAX_SEND_CHANNELS`]
+/// channels it is over a megabyte (each job slot holds a batch of up to `MAX_PAGE_COUNT` page
+/// offsets), and building it by value goes through stack temporaries: an unoptimised build needs
+/// several times its size on the stack, more than the 2 MiB a spawned thread has by default. So it
+/// is built on a short-lived thread whose stack is sized for it.
+fn new_engine<'b>(opts: &SendOptions, blocks: &'b ImageSet) -> Result<Box<Engine<'b>>, SendFailure> {
+    let geometry = Geometry::new(opts.page_size).map_err(|_| {
+        SendFailure::Engine(SendError::BlockLength { block: 0, used_len: 0, page_size: opts.page_size })
+    })?;
+    let stack = 8 * std::mem::size_of::<Engine<'_>>() + (1 << 20);
+    let build = || SendEngine::new(opts.channels, blocks, geometry, Layout::V9_0).map(Box::new);
+    thread::scope(|s| {
+        let builder = thread::Builder::new().name("send-engine-setup".into()).stack_size(stack);
+        match builder.spawn_scoped(s, build).map(|h| h.join()) {
+            Ok(Ok(built)) => built.map_err(SendFailure::Engine),
+            // `SendEngine::new` has no panicking path; should one appear, it reaches the caller as is.
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(err) => Err(SendFailure::Setup(err)),
+        }
+    })
 }
 
 fn take_error(engine: &mut Engine<'_>) -> SendFailure {
@@ -1032,4 +1093,17 @@ pub fn announce_start() {
 /// Path helper for callers: the default block name of an image (its file stem).
 pub fn default_block_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use multifd_core::wire::stream::Record;
+
+    #[test]
+    fn the_header_sent_at_connect_is_the_drivers_first_record() {
+        let mut buf = [0u8; 16];
+        let n = Record::FileHeader.encode(&mut buf, 4096).unwrap();
+        assert_eq!(FILE_HEADER, &buf[..n]);
+    }
 }

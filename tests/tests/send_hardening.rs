@@ -1,5 +1,5 @@
 //! `multifd send` and `multifd demo` from the command line: image specs refused before anything is
-//! connected.
+//! connected, and up to 255 channels.
 //!
 //! The binary under test is this build's `multifd`, or the one named by `MULTIFD_BIN` (to show that
 //! a regression test fails on an older build: `MULTIFD_BIN=/path/to/old/multifd cargo test ...`).
@@ -8,7 +8,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use multifd_tests::qemu::{multifd_bin, temp_dir};
+use multifd_tests::qemu::{json_num, multifd_bin, temp_dir};
+use multifd_tests::with_deadline;
 
 const PAGE: usize = 4096;
 
@@ -109,4 +110,102 @@ fn send_refuses_a_directory_as_an_image() {
     let want = format!("multifd send: --image {spec:?}: is a directory");
     assert_refused_before_connecting(std::slice::from_ref(&spec), &want);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `multifd demo` at 64 and 255 channels (QEMU's limit), which clap refused above 16.
+#[test]
+#[cfg_attr(miri, ignore = "runs processes")]
+fn demo_runs_with_64_and_255_channels() {
+    with_deadline(180, "demo_runs_with_64_and_255_channels", || {
+        for channels in [64u64, 255] {
+            let n = channels.to_string();
+            let out = Command::new(bin())
+                .args(["demo", "--size", "4M", "--channels", &n, "--rounds", "2", "--json"])
+                .output()
+                .expect("run multifd demo");
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "{channels} channels: {:?}\n{stderr}\n{stdout}", out.status);
+            assert!(stdout.contains("\"verified\":\"byte-exact\""), "{channels} channels: {stdout}");
+            assert_eq!(json_num(&stdout, "channels"), Some(channels), "{stdout}");
+            assert_eq!(json_num(&stdout, "workers_joined"), Some(channels), "{stdout}");
+            assert_eq!(json_num(&stdout, "syncs_per_channel"), Some(3), "setup + 2 rounds: {stdout}");
+        }
+    });
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "runs processes")]
+fn channel_counts_outside_1_to_255_are_refused_by_send_and_demo() {
+    for (cmd, bad) in [("send", "0"), ("send", "256"), ("demo", "0"), ("demo", "256")] {
+        let mut c = Command::new(bin());
+        c.args([cmd, "--channels", bad]);
+        if cmd == "send" {
+            c.args(["--connect", "127.0.0.1:9", "--image", "m0.img"]);
+        }
+        let out = c.output().expect("run multifd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd} --channels {bad}: {stderr}");
+        assert!(stderr.contains(&format!("{bad} is not in 1..=255")), "{cmd} --channels {bad}: {stderr}");
+    }
+}
+
+/// The engine for 255 channels is over a megabyte; `migrate` must build it without overflowing the
+/// 2 MiB stack of a spawned thread, in a debug build too. Cancelled before it starts, it returns
+/// `Interrupted` without connecting.
+#[test]
+#[cfg_attr(miri, ignore = "uses sockets")]
+fn migrate_at_255_channels_runs_on_a_spawned_thread_and_honours_an_early_cancel() {
+    use multifd_std::send::{GuestImage, ImageSet, SendFailure, SendOptions, StaticPrecopy, migrate};
+    use std::sync::atomic::AtomicBool;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let images = ImageSet { blocks: vec![("m0".into(), GuestImage::new(image_bytes(4 * PAGE)))] };
+    let opts = SendOptions {
+        connect: listener.local_addr().unwrap(),
+        channels: 255,
+        uuid: [0; 16],
+        machine: "none".into(),
+        page_size: PAGE as u32,
+    };
+    let mut emb = StaticPrecopy::new(&images, PAGE as u32);
+    let r = std::thread::scope(|s| s.spawn(|| migrate(&opts, &images, &mut emb, &AtomicBool::new(true))).join());
+    let r = r.expect("migrate's thread overflowed or panicked");
+    assert!(matches!(r, Err(SendFailure::Interrupted)), "{r:?}");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err_and(|e| e.kind() == ErrorKind::WouldBlock), "a cancelled migration connected");
+}
+
+/// QEMU itself allows 255 multifd channels: `multifd send --channels 255` into a QEMU destination
+/// completes, and the destination's RAM is the image byte for byte.
+#[test]
+#[cfg_attr(miri, ignore = "runs QEMU")]
+fn send_cli_into_qemu_with_255_channels() {
+    use multifd_tests::qemu_dest::{QemuDest, differing_pages, guest_image};
+    if !multifd_tests::require_tool("qemu-system-x86_64", "send_cli_into_qemu_with_255_channels") {
+        return;
+    }
+    with_deadline(120, "send_cli_into_qemu_with_255_channels", || {
+        let size = 8 << 20;
+        let image = guest_image(5, size, 40);
+        // Poison where the image has data; zero pages start zero, as QEMU assumes of a fresh guest.
+        let initial: Vec<u8> = image
+            .chunks(PAGE)
+            .flat_map(|p| if p.iter().all(|&b| b == 0) { [0u8; PAGE] } else { [0x5au8; PAGE] })
+            .collect();
+        let mut dest = QemuDest::start("send-255", size, &initial, 255);
+        let img = dest.dir().join("guest.img");
+        std::fs::write(&img, &image).unwrap();
+        let out = Command::new(bin())
+            .args(["send", "--connect", &format!("127.0.0.1:{}", dest.port), "--channels", "255", "--json"])
+            .arg("--image")
+            .arg(format!("{}:m0", img.display()))
+            .output()
+            .expect("run multifd send");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "multifd send failed ({:?}): {stderr}\n{stdout}", out.status);
+        assert_eq!(json_num(&stdout, "workers_joined"), Some(255), "{stdout}");
+        let status = dest.wait_done(60);
+        assert!(status.contains("\"completed\""), "the destination did not complete: {status}");
+        let bad = differing_pages(&dest.ram(), &image);
+        assert!(bad.is_empty(), "{} pages differ, first {:?}", bad.len(), bad.first());
+    });
 }

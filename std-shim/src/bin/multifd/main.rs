@@ -88,8 +88,8 @@ enum Command {
         /// Guest RAM size (K, M, G suffixes).
         #[arg(long, default_value = "1G", value_parser = parse::guest_size)]
         size: u64,
-        /// Multifd channels.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+        /// Multifd channels (1 to 255, as QEMU allows).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=255))]
         channels: u8,
         /// Rounds, the final one included (at least 2).
         #[arg(long, default_value_t = 3)]
@@ -109,8 +109,8 @@ enum Command {
         /// Destination HOST:PORT (a QEMU `-incoming` address).
         #[arg(long)]
         connect: String,
-        /// Multifd channels (the destination's `multifd-channels`).
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+        /// Multifd channels (the destination's `multifd-channels`, 1 to 255).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=255))]
         channels: u8,
         /// RAM image `FILE[:NAME]`; NAME defaults to the file stem (`m0` for `-M none,memory-backend=m0`).
         /// Each must be a non-empty regular file of whole 4096-byte pages, each NAME used once.
