@@ -11,8 +11,8 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -355,8 +355,17 @@ pub enum SendFailure {
     },
     /// The thread that builds the engine could not be started.
     Setup(io::Error),
-    /// Cancelled (SIGINT or the cancel flag).
+    /// Cancelled through the cancel flag.
     Interrupted,
+    /// Cancelled by a signal (see [`SignalCancel::attribute`]).
+    Signal(StopSignal),
+    /// A signal handler could not be installed.
+    SignalSetup {
+        /// The signal.
+        signal: StopSignal,
+        /// The error.
+        err: io::Error,
+    },
     /// A connection was not established within the connect timeout.
     ConnectTimeout {
         /// `main stream` or `channel N`.
@@ -409,6 +418,8 @@ impl fmt::Display for SendFailure {
             Self::Spawn { channel, err } => write!(f, "channel {channel}: starting its worker: {err}"),
             Self::Setup(err) => write!(f, "starting the thread that builds the send engine: {err}"),
             Self::Interrupted => f.write_str("interrupted: migration cancelled"),
+            Self::Signal(signal) => write!(f, "interrupted by {}: migration cancelled", signal.name()),
+            Self::SignalSetup { signal, err } => write!(f, "installing the {} handler: {err}", signal.name()),
             Self::ConnectTimeout { what, addr, waited } => {
                 write!(f, "{what}: connect to {addr}: no answer within {} (--connect-timeout)", secs(*waited))
             }
@@ -929,21 +940,101 @@ fn take_error(engine: &mut Engine<'_>) -> SendFailure {
     engine.lifecycle_mut().take_error().unwrap_or(SendFailure::Interrupted)
 }
 
-static SIGINT: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_sig: libc::c_int) {
-    // Relaxed: a flag polled by the watcher thread; async-signal-safe (a plain atomic store).
-    SIGINT.store(true, Ordering::Relaxed);
+/// A termination signal that [`SignalCancel`] turns into a clean cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGINT (Ctrl-C).
+    Int,
+    /// SIGTERM (what `kill` and service managers send).
+    Term,
 }
 
-/// Installs a SIGINT handler that sets the flag [`migrate`] watches; returns the flag.
-pub fn cancel_on_sigint() -> &'static AtomicBool {
-    // SAFETY: `on_sigint` only stores to an atomic, which is async-signal-safe; `signal` is given a
-    // valid `extern "C" fn(c_int)` cast to `sighandler_t` as libc documents.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+impl StopSignal {
+    /// Every signal [`SignalCancel`] handles.
+    pub const ALL: [StopSignal; 2] = [StopSignal::Int, StopSignal::Term];
+
+    /// The signal's number.
+    pub fn number(self) -> libc::c_int {
+        match self {
+            Self::Int => libc::SIGINT,
+            Self::Term => libc::SIGTERM,
+        }
     }
-    &SIGINT
+
+    /// The signal's name, such as `SIGTERM`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int => "SIGINT",
+            Self::Term => "SIGTERM",
+        }
+    }
+
+    /// The exit status of a command it stopped: 128 plus the signal's number, as a shell reports a
+    /// command killed by it (130 for SIGINT, 143 for SIGTERM).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Int => 130,
+            Self::Term => 143,
+        }
+    }
+}
+
+/// A cancel flag for [`migrate`] that SIGINT and SIGTERM set, remembering the first signal that
+/// came, so the command can say which one stopped it. The signals are caught for the rest of the
+/// process (signal-hook cannot hand their default action back), so install it once, in a program
+/// that has nothing else to do after a cancel than to exit. A second signal, once the flag is set,
+/// ends the process at once with that signal's [`StopSignal::exit_code`], for a cancel that hangs.
+#[derive(Debug)]
+pub struct SignalCancel {
+    flag: Arc<AtomicBool>,
+    /// The first signal that arrived: 1 + its index in [`StopSignal::ALL`]; 0 before any.
+    first: Arc<AtomicUsize>,
+}
+
+impl SignalCancel {
+    /// Installs the handlers of every [`StopSignal`].
+    pub fn install() -> Result<Self, SendFailure> {
+        let cancel = Self { flag: Arc::new(AtomicBool::new(false)), first: Arc::new(AtomicUsize::new(0)) };
+        for (tag, signal) in (1..).zip(StopSignal::ALL) {
+            let setup = |err| SendFailure::SignalSetup { signal, err };
+            let number = signal.number();
+            // Actions run in the order they were registered. The exit comes first, so it sees the flag
+            // as an earlier signal left it; the record of the signal comes before the flag is set, so
+            // a reader that sees the flag also sees which signal set it. Each action only loads or
+            // stores an atomic, or calls `_exit`: all async-signal-safe.
+            let code = libc::c_int::from(signal.exit_code());
+            signal_hook::flag::register_conditional_shutdown(number, code, Arc::clone(&cancel.flag)).map_err(setup)?;
+            let first = Arc::clone(&cancel.first);
+            let record = move || {
+                // SeqCst, as signal-hook's own flags: keeps this store before the flag's.
+                let _ = first.compare_exchange(0, tag, Ordering::SeqCst, Ordering::SeqCst);
+            };
+            // SAFETY: the action is async-signal-safe (one atomic compare-exchange, no allocation, no
+            // lock) and may run on any thread at any time without harm.
+            unsafe { signal_hook::low_level::register(number, record) }.map_err(setup)?;
+            signal_hook::flag::register(number, Arc::clone(&cancel.flag)).map_err(setup)?;
+        }
+        Ok(cancel)
+    }
+
+    /// The flag to give [`migrate`]: set once a signal arrived.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+
+    /// The first signal that arrived, if any.
+    pub fn signal(&self) -> Option<StopSignal> {
+        let tag = self.first.load(Ordering::SeqCst);
+        tag.checked_sub(1).and_then(|i| StopSignal::ALL.get(i).copied())
+    }
+
+    /// `failure`, naming the signal when a signal's cancel caused it ([`SendFailure::Signal`]).
+    pub fn attribute(&self, failure: SendFailure) -> SendFailure {
+        match (failure, self.signal()) {
+            (SendFailure::Interrupted, Some(signal)) => SendFailure::Signal(signal),
+            (other, _) => other,
+        }
+    }
 }
 
 /// A send report as JSON: what `multifd send --json` prints.

@@ -1,12 +1,14 @@
 //! `multifd send` and `multifd demo` from the command line: image specs refused before anything is
-//! connected, and up to 255 channels.
+//! connected, up to 255 channels, and a clean stop on SIGINT and SIGTERM.
 //!
 //! The binary under test is this build's `multifd`, or the one named by `MULTIFD_BIN` (to show that
 //! a regression test fails on an older build: `MULTIFD_BIN=/path/to/old/multifd cargo test ...`).
-use std::io::ErrorKind;
-use std::net::TcpListener;
+use std::io::{ErrorKind, Read};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use multifd_tests::qemu::{json_num, multifd_bin, temp_dir};
 use multifd_tests::with_deadline;
@@ -147,6 +149,115 @@ fn channel_counts_outside_1_to_255_are_refused_by_send_and_demo() {
         assert_eq!(out.status.code(), Some(2), "{cmd} --channels {bad}: {stderr}");
         assert!(stderr.contains(&format!("{bad} is not in 1..=255")), "{cmd} --channels {bad}: {stderr}");
     }
+}
+
+/// Accepts every connection and keeps it open without ever reading from it.
+struct Sink {
+    port: u16,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let keep = Arc::clone(&held);
+        std::thread::spawn(move || {
+            for s in listener.incoming().map_while(Result::ok) {
+                keep.lock().unwrap().push(s);
+            }
+        });
+        Sink { port, held }
+    }
+
+    fn connections(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
+    /// Whether every held connection was closed by the sender: reads end (EOF or reset) at once.
+    fn all_closed(&self) -> bool {
+        self.held.lock().unwrap().iter_mut().all(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+                    Err(_) => return false,
+                }
+            }
+        })
+    }
+}
+
+/// Waits for `child` at most `secs` seconds; kills it when it is still running.
+fn wait_output(mut child: Child, secs: u64) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Starts `multifd send` of 64 MiB over 2 channels into a destination that never reads, so every
+/// write blocks; sends `signal`, and returns the sender's output and how long it took to exit.
+fn send_blocked_then_signal(tag: &str, signal: libc::c_int) -> (Output, Duration, Sink) {
+    let dir = temp_dir(tag);
+    let img = write_file(&dir.join("m0.img"), 64 << 20);
+    let sink = Sink::start();
+    let child = Command::new(bin())
+        .args(["send", "--connect", &format!("127.0.0.1:{}", sink.port), "--channels", "2", "--image", &img])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start multifd send");
+    let t0 = Instant::now();
+    while sink.connections() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the sender made {} of 3 connections", sink.connections());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Long enough for the socket buffers to fill and the writes to block.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    // SAFETY: kill(2) on the pid of our own child, which has not been waited for, so it is not reused.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0, "kill");
+    let out = wait_output(child, 15);
+    let took = t.elapsed();
+    let _ = std::fs::remove_dir_all(dir);
+    (out, took, sink)
+}
+
+fn assert_stopped_cleanly(out: &Output, took: Duration, sink: &Sink, name: &str, code: i32) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "exit status {:?} after {name}; stderr:\n{stderr}", out.status);
+    let line = format!("multifd send: interrupted by {name}: migration cancelled");
+    assert!(stderr.lines().any(|l| l == line), "no line {line:?} in stderr:\n{stderr}");
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop after {name}");
+    assert!(sink.all_closed(), "a connection was left open after {name}");
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "runs processes")]
+fn sigterm_stops_a_blocked_send_cleanly_with_exit_143() {
+    with_deadline(60, "sigterm_stops_a_blocked_send_cleanly_with_exit_143", || {
+        let (out, took, sink) = send_blocked_then_signal("send-sigterm", libc::SIGTERM);
+        assert_stopped_cleanly(&out, took, &sink, "SIGTERM", 143);
+    });
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "runs processes")]
+fn sigint_stops_a_blocked_send_cleanly_with_exit_130() {
+    with_deadline(60, "sigint_stops_a_blocked_send_cleanly_with_exit_130", || {
+        let (out, took, sink) = send_blocked_then_signal("send-sigint", libc::SIGINT);
+        assert_stopped_cleanly(&out, took, &sink, "SIGINT", 130);
+    });
 }
 
 /// The engine for 255 channels is over a megabyte; `migrate` must build it without overflowing the

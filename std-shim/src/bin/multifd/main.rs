@@ -105,6 +105,7 @@ enum Command {
         json: bool,
     },
     /// Migrate RAM images to a QEMU-compatible destination (main stream plus N multifd channels).
+    /// SIGINT or SIGTERM cancels it cleanly: connections closed, exit status 130 or 143.
     Send {
         /// Destination HOST:PORT (a QEMU `-incoming` address).
         #[arg(long)]
@@ -280,17 +281,24 @@ fn send_cli(
             print_json(&send::SendJson::failed(&e, channels));
         }
         eprintln!("multifd send: {e}");
-        ExitCode::from(if matches!(e, send::SendFailure::Interrupted) { 130 } else { 1 })
+        ExitCode::from(match e {
+            send::SendFailure::Signal(signal) => signal.exit_code(),
+            send::SendFailure::Interrupted => 130,
+            _ => 1,
+        })
     };
     let blocks = match send::ImageSet::load(images) {
         Ok(b) => b,
         Err(e) => return fail(e),
     };
-    let cancel = send::cancel_on_sigint();
+    let cancel = match send::SignalCancel::install() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
     let opts = send::SendOptions { connect: addr, channels, uuid: uuid.unwrap_or([0; 16]), machine, page_size: 4096 };
     let mut embedder = send::StaticPrecopy::new(&blocks, opts.page_size);
     send::announce_start();
-    match send::migrate_with(&opts, limits, &blocks, &mut embedder, cancel) {
+    match send::migrate_with(&opts, limits, &blocks, &mut embedder, cancel.flag()).map_err(|e| cancel.attribute(e)) {
         Ok(report) if json => {
             print_json(&send::SendJson::completed(&report, opts.page_size));
             ExitCode::SUCCESS
