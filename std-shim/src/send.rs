@@ -530,6 +530,8 @@ pub struct SendReport {
     pub channels: u8,
     /// Workers joined at cleanup.
     pub joined: u8,
+    /// The uuid sent in every init packet.
+    pub uuid: [u8; 16],
 }
 
 /// One round of every page, then completion: a static image.
@@ -908,7 +910,7 @@ pub fn migrate_with<P: Precopy + ?Sized>(
         Ok(summary) if engine.lifecycle().error().is_none() => {
             let mut rounds = recording.rounds;
             rounds.push(summary.last);
-            Ok(SendReport { summary, rounds, elapsed, channels: opts.channels, joined })
+            Ok(SendReport { summary, rounds, elapsed, channels: opts.channels, joined, uuid: opts.uuid })
         }
         _ => Err(take_error(&mut engine)),
     }
@@ -1047,6 +1049,9 @@ pub struct SendJson {
     pub error: Option<String>,
     /// Channels used.
     pub channels: u8,
+    /// The init packets' uuid, hyphenated lowercase (in a completed migration's summary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// Rounds sent.
     pub rounds: u32,
     /// Pages sent.
@@ -1113,6 +1118,7 @@ impl SendJson {
             status: "completed",
             error: None,
             channels: r.channels,
+            uuid: Some(uuid::Uuid::from_bytes(r.uuid).to_string()),
             rounds: r.summary.rounds,
             pages: t.pages,
             normal_pages: t.normal_pages,
@@ -1132,6 +1138,7 @@ impl SendJson {
             status: "failed",
             error: Some(error.to_string()),
             channels,
+            uuid: None,
             rounds: 0,
             pages: 0,
             normal_pages: 0,
@@ -1154,6 +1161,7 @@ pub fn format_report(r: &SendReport, page_size: u32) -> String {
     let mut out = String::new();
     out += &format!("{:<22} {}\n", "status", "completed");
     out += &format!("{:<22} {}\n", "channels", r.channels);
+    out += &format!("{:<22} {}\n", "uuid", uuid::Uuid::from_bytes(r.uuid));
     out += &format!("{:<22} {}\n", "rounds", r.summary.rounds);
     out += &format!("{:<22} {} ({} normal, {} zero)\n", "pages sent", t.pages, t.normal_pages, t.zero_pages);
     out += &format!("{:<22} {:.1} MiB\n", "bytes on channels", mib(t.bytes));

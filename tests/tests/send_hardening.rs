@@ -1,8 +1,9 @@
 //! `multifd send` and `multifd demo` from the command line: image specs refused before anything is
-//! connected, up to 255 channels, and a clean stop on SIGINT and SIGTERM.
+//! connected, up to 255 channels, a clean stop on SIGINT and SIGTERM, and the uuid in the summary.
 //!
 //! The binary under test is this build's `multifd`, or the one named by `MULTIFD_BIN` (to show that
 //! a regression test fails on an older build: `MULTIFD_BIN=/path/to/old/multifd cargo test ...`).
+
 use std::io::{ErrorKind, Read};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use multifd_tests::qemu::{json_num, multifd_bin, temp_dir};
+use multifd_tests::qemu::{Recv, json_field, json_num, json_status, multifd_bin, temp_dir};
 use multifd_tests::with_deadline;
 
 const PAGE: usize = 4096;
@@ -149,6 +150,51 @@ fn channel_counts_outside_1_to_255_are_refused_by_send_and_demo() {
         assert_eq!(out.status.code(), Some(2), "{cmd} --channels {bad}: {stderr}");
         assert!(stderr.contains(&format!("{bad} is not in 1..=255")), "{cmd} --channels {bad}: {stderr}");
     }
+}
+
+/// A uuid given in capitals and braces is accepted; our receiver, told the plain form, accepts every
+/// channel (so the init packets carry it), and the sender's summary shows it hyphenated in lowercase,
+/// in the table and in the JSON.
+#[test]
+#[cfg_attr(miri, ignore = "runs processes")]
+fn send_takes_a_braced_uuid_and_prints_it_hyphenated_lowercase() {
+    with_deadline(120, "send_takes_a_braced_uuid_and_prints_it_hyphenated_lowercase", || {
+        let dir = temp_dir("send-uuid");
+        let img = write_file(&dir.join("m0.img"), 1 << 20);
+        for json in [true, false] {
+            let out = dir.join(format!("out-{json}"));
+            let mut recv = Recv::start(&dir, &out, 3, &["--uuid", "00112233445566778899aabbccddeeff"]);
+            let mut cmd = Command::new(bin());
+            cmd.args(["send", "--connect", &format!("127.0.0.1:{}", recv.port), "--channels", "3", "--image", &img])
+                .args(["--uuid", "{00112233-4455-6677-8899-AABBCCDDEEFF}"]);
+            if json {
+                cmd.arg("--json");
+            }
+            let sent = cmd.output().expect("run multifd send");
+            let (stdout, stderr) = (String::from_utf8_lossy(&sent.stdout), String::from_utf8_lossy(&sent.stderr));
+            if !sent.status.success() {
+                let _ = recv.child.kill();
+                panic!("multifd send failed ({:?}):\n{stderr}\n{stdout}", sent.status);
+            }
+            let (code, rjson, rerr) = recv.wait(30);
+            assert_eq!(code, Some(0), "receiver: {rerr}\n{rjson}");
+            assert_eq!(std::fs::read(out.join("m0.bin")).unwrap(), image_bytes(1 << 20), "received block");
+            let want = "00112233-4455-6677-8899-aabbccddeeff";
+            if json {
+                assert!(json_status(&stdout, "completed"), "{stdout}");
+                let uuid = json_field(&stdout, "uuid");
+                assert_eq!(uuid.as_ref().and_then(|u| u.as_str()), Some(want), "{stdout}");
+            } else {
+                let line = stdout.lines().find(|l| l.starts_with("uuid "));
+                assert_eq!(
+                    line.map(|l| l.split_whitespace().collect::<Vec<_>>()),
+                    Some(vec!["uuid", want]),
+                    "{stdout}"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    });
 }
 
 /// Accepts every connection and keeps it open without ever reading from it.

@@ -120,7 +120,8 @@ enum Command {
         /// Machine type in the configuration section (must match the destination's).
         #[arg(long, default_value = "none")]
         machine: String,
-        /// UUID written in every init packet (all zero by default).
+        /// UUID written in every init packet (all zero by default): 32 hex digits, plain or as
+        /// 8-4-4-4-12 groups with dashes, optionally in braces or after `urn:uuid:`; either case.
         #[arg(long, value_parser = parse::uuid)]
         uuid: Option<[u8; 16]>,
         /// Print the summary as JSON.
