@@ -229,14 +229,26 @@ impl DemoReport {
     }
 }
 
-/// Runs the demo in a fresh directory under the system's temporary directory.
+/// Runs the demo in a fresh directory under the system's temporary directory (`TMPDIR`): a new
+/// directory of a random `multifd-demo-*` name, created by this call alone (never one that already
+/// exists, nor a symbolic link's target), readable by this user only, and removed at the end.
 pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     let size = usize::try_from(opts.size).map_err(|_| DemoError::TooLarge { size: opts.size })?;
-    let dir = std::env::temp_dir().join(format!("multifd-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|error| DemoError::Io { path: dir.clone(), error })?;
-    let result = demo_in(opts, size, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = work_dir()?;
+    let result = demo_in(opts, size, dir.path());
+    // A failure to remove it leaves a private directory behind; the demo's result stands.
+    let _ = dir.close();
     result
+}
+
+/// The demo's work directory: see [`run`].
+fn work_dir() -> Result<tempfile::TempDir, DemoError> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("multifd-demo-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .map_err(|error| DemoError::Io { path: std::env::temp_dir(), error })
 }
 
 fn demo_in(opts: &DemoOptions, size: usize, dir: &std::path::Path) -> Result<DemoReport, DemoError> {
@@ -361,4 +373,26 @@ pub fn channel_balance(channels: &[recv::ChannelReport]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_work_directory_is_new_private_and_removed_when_dropped() {
+        let (a, b) = (work_dir().unwrap(), work_dir().unwrap());
+        assert_ne!(a.path(), b.path(), "two runs got the same directory");
+        for d in [&a, &b] {
+            let name = d.path().file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.starts_with("multifd-demo-") && name.len() > "multifd-demo-".len(), "{name}");
+            let meta = std::fs::symlink_metadata(d.path()).unwrap();
+            assert!(meta.is_dir(), "{name} is not a plain directory");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{name}");
+        }
+        let path = a.path().to_path_buf();
+        a.close().unwrap();
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
 }

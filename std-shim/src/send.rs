@@ -11,8 +11,8 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -21,14 +21,14 @@ use multifd_core::send::{
     MainSink, Notify, Precopy, PrecopyError, Quiescent, RoundStats, SendEngine, SendError, SourceBlocks, Step, Summary,
     precopy,
 };
-use multifd_core::wire::{Geometry, Layout};
+use multifd_core::wire::{Geometry, Layout, MAIN_MAGIC, MAIN_VERSION};
 use serde::Serialize;
 
 use crate::platform::{Role, StartError, StdWaker, WakeHook, WorkerToken, run_scoped};
 use crate::util::{Stall, lock, secs, timed_out, unix_now};
 
-/// Channels a std migration can have (the engine's capacity).
-pub const MAX_SEND_CHANNELS: usize = 16;
+/// Channels a std migration can have (the engine's capacity): as many as QEMU allows.
+pub const MAX_SEND_CHANNELS: usize = multifd_core::lifecycle::MAX_CHANNELS;
 
 /// Guest memory of one RAM block on the source: channel workers read it, and the embedder may change
 /// it between rounds while it holds the engine's [`Quiescent`] token. Either a heap buffer
@@ -180,23 +180,114 @@ pub struct ImageSet {
     pub blocks: Vec<(String, GuestImage)>,
 }
 
+/// The page size [`ImageSet::load`] checks image sizes against: the one `multifd send` migrates with.
+pub const IMAGE_PAGE_SIZE: u32 = 4096;
+
 impl ImageSet {
-    /// Maps `FILE[:NAME]` specs (see [`GuestImage::map_file`]); a block's name defaults to the file stem.
+    /// Maps `FILE[:NAME]` specs (see [`GuestImage::map_file`]); a block's name defaults to the file
+    /// stem. Each file must be a non-empty regular file of whole [`IMAGE_PAGE_SIZE`] pages, and no
+    /// two specs may give the same block name; otherwise [`SendFailure::ImageSpec`] says which spec
+    /// and why, before any file is mapped.
     pub fn load(specs: &[String]) -> Result<Self, SendFailure> {
-        let mut blocks = Vec::new();
-        for spec in specs {
-            let (path, name) = match spec.rsplit_once(':') {
-                Some((p, n)) if !n.is_empty() && !n.contains('/') => (PathBuf::from(p), n.to_owned()),
-                _ => {
-                    let p = PathBuf::from(spec);
-                    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    (p, stem)
-                }
+        Self::load_for_page_size(specs, IMAGE_PAGE_SIZE)
+    }
+
+    /// As [`ImageSet::load`], checking sizes against `page_size`.
+    pub fn load_for_page_size(specs: &[String], page_size: u32) -> Result<Self, SendFailure> {
+        let parsed: Vec<(PathBuf, String)> = specs.iter().map(|s| split_spec(s)).collect();
+        for (i, (path, name)) in parsed.iter().enumerate() {
+            let refuse = |problem| SendFailure::ImageSpec { spec: specs[i].clone(), problem };
+            if let Some(first) = parsed[..i].iter().position(|(_, n)| n == name) {
+                return Err(refuse(ImageProblem::DuplicateName { name: name.clone(), first: specs[first].clone() }));
+            }
+            let meta = std::fs::metadata(path).map_err(|err| SendFailure::Image { path: path.clone(), err })?;
+            let problem = if meta.is_dir() {
+                Some(ImageProblem::Directory)
+            } else if !meta.is_file() {
+                Some(ImageProblem::NotRegularFile)
+            } else {
+                size_problem(meta.len(), page_size)
             };
+            if let Some(problem) = problem {
+                return Err(refuse(problem));
+            }
+        }
+        let mut blocks = Vec::with_capacity(parsed.len());
+        for (i, (path, name)) in parsed.into_iter().enumerate() {
             let image = GuestImage::map_file(&path).map_err(|err| SendFailure::Image { path: path.clone(), err })?;
+            // The file may have changed since it was checked: the mapping's length is what is sent.
+            if let Some(problem) = size_problem(image.len() as u64, page_size) {
+                return Err(SendFailure::ImageSpec { spec: specs[i].clone(), problem });
+            }
             blocks.push((name, image));
         }
         Ok(Self { blocks })
+    }
+}
+
+/// Splits `FILE[:NAME]`: a NAME is what follows the last colon, if that is neither empty nor holds
+/// a `/` (then the whole spec is the file, and the name its stem).
+fn split_spec(spec: &str) -> (PathBuf, String) {
+    match spec.rsplit_once(':') {
+        Some((p, n)) if !n.is_empty() && !n.contains('/') => (PathBuf::from(p), n.to_owned()),
+        _ => {
+            let p = PathBuf::from(spec);
+            let stem = default_block_name(&p);
+            (p, stem)
+        }
+    }
+}
+
+/// What is wrong with an image of `len` bytes as a RAM block of `page_size` pages, if anything.
+fn size_problem(len: u64, page_size: u32) -> Option<ImageProblem> {
+    if len == 0 {
+        Some(ImageProblem::Empty)
+    } else if !len.is_multiple_of(u64::from(page_size.max(1))) {
+        Some(ImageProblem::NotWholePages { len, page_size })
+    } else {
+        None
+    }
+}
+
+/// Why an image spec was refused (see [`ImageSet::load`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ImageProblem {
+    /// The file is empty: a block without pages, which a destination refuses.
+    Empty,
+    /// The file's size is not a whole number of pages.
+    NotWholePages {
+        /// Its size in bytes.
+        len: u64,
+        /// The page size.
+        page_size: u32,
+    },
+    /// The path is a directory.
+    Directory,
+    /// The path is neither a regular file nor a directory (a FIFO, a socket, a device).
+    NotRegularFile,
+    /// An earlier spec already gives a block this name.
+    DuplicateName {
+        /// The block name.
+        name: String,
+        /// The earlier spec.
+        first: String,
+    },
+}
+
+impl fmt::Display for ImageProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("the file is empty (a RAM block needs at least one page)"),
+            Self::NotWholePages { len, page_size } => {
+                write!(f, "its size, {len} bytes, is not a multiple of the {page_size}-byte page size")
+            }
+            Self::Directory => f.write_str("is a directory"),
+            Self::NotRegularFile => f.write_str("is not a regular file"),
+            Self::DuplicateName { name, first } => {
+                write!(f, "block name {name:?} is already used by --image {first:?}")
+            }
+        }
     }
 }
 
@@ -219,6 +310,13 @@ impl SourceBlocks for ImageSet {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SendFailure {
+    /// An image spec was refused before anything was connected.
+    ImageSpec {
+        /// The spec, as given (`FILE[:NAME]`).
+        spec: String,
+        /// What is wrong with it.
+        problem: ImageProblem,
+    },
     /// An image file could not be read.
     Image {
         /// The file.
@@ -255,8 +353,19 @@ pub enum SendFailure {
         /// The error.
         err: io::Error,
     },
-    /// Cancelled (SIGINT or the cancel flag).
+    /// The thread that builds the engine could not be started.
+    Setup(io::Error),
+    /// Cancelled through the cancel flag.
     Interrupted,
+    /// Cancelled by a signal (see [`SignalCancel::attribute`]).
+    Signal(StopSignal),
+    /// A signal handler could not be installed.
+    SignalSetup {
+        /// The signal.
+        signal: StopSignal,
+        /// The error.
+        err: io::Error,
+    },
     /// A connection was not established within the connect timeout.
     ConnectTimeout {
         /// `main stream` or `channel N`.
@@ -297,6 +406,7 @@ pub enum PeerAction {
 impl fmt::Display for SendFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::ImageSpec { spec, problem } => write!(f, "--image {spec:?}: {problem}"),
             Self::Image { path, err } => write!(f, "image {}: {err}", path.display()),
             Self::Engine(e) => write!(f, "{e}"),
             Self::Connect { what, addr, err } => write!(f, "{what}: connect to {addr}: {err}"),
@@ -306,7 +416,10 @@ impl fmt::Display for SendFailure {
             Self::Channel { channel, packet_num: None, err } => write!(f, "channel {channel}: init packet: {err}"),
             Self::Main(err) => write!(f, "main stream: {err}"),
             Self::Spawn { channel, err } => write!(f, "channel {channel}: starting its worker: {err}"),
+            Self::Setup(err) => write!(f, "starting the thread that builds the send engine: {err}"),
             Self::Interrupted => f.write_str("interrupted: migration cancelled"),
+            Self::Signal(signal) => write!(f, "interrupted by {}: migration cancelled", signal.name()),
+            Self::SignalSetup { signal, err } => write!(f, "installing the {} handler: {err}", signal.name()),
             Self::ConnectTimeout { what, addr, waited } => {
                 write!(f, "{what}: connect to {addr}: no answer within {} (--connect-timeout)", secs(*waited))
             }
@@ -417,6 +530,8 @@ pub struct SendReport {
     pub channels: u8,
     /// Workers joined at cleanup.
     pub joined: u8,
+    /// The uuid sent in every init packet.
+    pub uuid: [u8; 16],
 }
 
 /// One round of every page, then completion: a static image.
@@ -498,12 +613,25 @@ impl Notify for SendNotify {
 struct MainStream<'a> {
     stream: &'a TcpStream,
     stall: Stall<'a>,
+    /// What [`connect_main`] already wrote, which the driver's first write starts with: dropped then.
+    sent_early: Option<&'a [u8]>,
 }
 
 impl MainSink for MainStream<'_> {
     type Error = SendFailure;
     fn write(&mut self, bytes: &[u8]) -> Result<(), SendFailure> {
         let what = || "main stream".to_owned();
+        let bytes = match self.sent_early.take() {
+            None => bytes,
+            Some(sent) => bytes.strip_prefix(sent).ok_or_else(|| {
+                // Local invariant: the precopy driver's first record is the file header.
+                SendFailure::Main(io::Error::other("the first record is not the file header sent at connect"))
+            })?,
+        };
+        if bytes.is_empty() {
+            // A write of nothing would read as a closed connection (`WriteZero`).
+            return Ok(());
+        }
         write_all_vectored(self.stream, &mut [IoSlice::new(bytes)], self.stall).map_err(|err| {
             match self.stall.limit {
                 Some(waited) if timed_out(&err) => SendFailure::Stalled { what: what(), packet_num: None, waited },
@@ -533,6 +661,29 @@ fn check_peer(stream: &TcpStream) -> Result<(), Result<SendFailure, PeerAction>>
             }
         }
     }
+}
+
+/// The main stream's file header (magic and version), as the precopy driver's first record encodes it.
+const FILE_HEADER: &[u8] = &{
+    let mut b = [0u8; 8];
+    let (magic, version) = (MAIN_MAGIC.to_be_bytes(), MAIN_VERSION.to_be_bytes());
+    let mut i = 0;
+    while i < 4 {
+        (b[i], b[4 + i]) = (magic[i], version[i]);
+        i += 1;
+    }
+    b
+};
+
+/// Connects the main stream and writes its file header at once, before any channel connects. A
+/// destination that accepts one connection at a time and tells them apart by their first bytes
+/// (as `multifd recv` does) then identifies the main stream without waiting: otherwise it waits on
+/// it while the channels queue up in its listen backlog, and beyond the backlog (128 connections
+/// for a std listener) the next channel's connect times out. The bytes on the wire are the same.
+fn connect_main(opts: &SendOptions, limits: &SendLimits) -> Result<TcpStream, SendFailure> {
+    let main = connect(opts.connect, "main stream".into(), limits)?;
+    (&main).write_all(FILE_HEADER).map_err(SendFailure::Main)?;
+    Ok(main)
 }
 
 fn connect(addr: SocketAddr, what: String, limits: &SendLimits) -> Result<TcpStream, SendFailure> {
@@ -692,13 +843,13 @@ pub fn migrate_with<P: Precopy + ?Sized>(
     embedder: &mut P,
     cancel: &AtomicBool,
 ) -> Result<SendReport, SendFailure> {
-    let geometry = Geometry::new(opts.page_size).map_err(|_| {
-        SendFailure::Engine(SendError::BlockLength { block: 0, used_len: 0, page_size: opts.page_size })
-    })?;
-    let engine: Box<Engine<'_>> =
-        Box::new(SendEngine::new(opts.channels, blocks, geometry, Layout::V9_0).map_err(SendFailure::Engine)?);
+    let engine = new_engine(opts, blocks)?;
+    // Relaxed: see the watcher below. A cancel that came before is not left waiting on connects.
+    if cancel.load(Ordering::Relaxed) {
+        return Err(SendFailure::Interrupted);
+    }
     let t0 = Instant::now();
-    let main = connect(opts.connect, "main stream".into(), limits)?;
+    let main = connect_main(opts, limits)?;
     let written = AtomicU64::new(0);
     let pace = limits.max_bandwidth.map(|bytes_per_sec| Pace { bytes_per_sec, next: Mutex::new(None) });
     let main_clone = main.try_clone().map_err(SendFailure::Main)?;
@@ -740,7 +891,7 @@ pub fn migrate_with<P: Precopy + ?Sized>(
                 engine_ref.lifecycle().create_all(platform, |id| open_channel(opts, limits, id, &streams, &shutdowns));
             let result = match created {
                 Ok(r) if r.started == opts.channels => {
-                    let mut main = MainStream { stream: &main, stall };
+                    let mut main = MainStream { stream: &main, stall, sent_early: Some(FILE_HEADER) };
                     run_precopy(engine_ref, platform, &notify, &mut main, &mut recording, opts)
                 }
                 _ => Err(None::<()>),
@@ -759,31 +910,133 @@ pub fn migrate_with<P: Precopy + ?Sized>(
         Ok(summary) if engine.lifecycle().error().is_none() => {
             let mut rounds = recording.rounds;
             rounds.push(summary.last);
-            Ok(SendReport { summary, rounds, elapsed, channels: opts.channels, joined })
+            Ok(SendReport { summary, rounds, elapsed, channels: opts.channels, joined, uuid: opts.uuid })
         }
         _ => Err(take_error(&mut engine)),
     }
+}
+
+/// The engine for `opts` and `blocks`, built in its box. With room for [`MAX_SEND_CHANNELS`]
+/// channels it is over a megabyte (each job slot holds a batch of up to `MAX_PAGE_COUNT` page
+/// offsets), and building it by value goes through stack temporaries: an unoptimised build needs
+/// several times its size on the stack, more than the 2 MiB a spawned thread has by default. So it
+/// is built on a short-lived thread whose stack is sized for it.
+fn new_engine<'b>(opts: &SendOptions, blocks: &'b ImageSet) -> Result<Box<Engine<'b>>, SendFailure> {
+    let geometry = Geometry::new(opts.page_size).map_err(|_| {
+        SendFailure::Engine(SendError::BlockLength { block: 0, used_len: 0, page_size: opts.page_size })
+    })?;
+    let stack = 8 * std::mem::size_of::<Engine<'_>>() + (1 << 20);
+    let build = || SendEngine::new(opts.channels, blocks, geometry, Layout::V9_0).map(Box::new);
+    thread::scope(|s| {
+        let builder = thread::Builder::new().name("send-engine-setup".into()).stack_size(stack);
+        match builder.spawn_scoped(s, build).map(|h| h.join()) {
+            Ok(Ok(built)) => built.map_err(SendFailure::Engine),
+            // `SendEngine::new` has no panicking path; should one appear, it reaches the caller as is.
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(err) => Err(SendFailure::Setup(err)),
+        }
+    })
 }
 
 fn take_error(engine: &mut Engine<'_>) -> SendFailure {
     engine.lifecycle_mut().take_error().unwrap_or(SendFailure::Interrupted)
 }
 
-static SIGINT: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_sig: libc::c_int) {
-    // Relaxed: a flag polled by the watcher thread; async-signal-safe (a plain atomic store).
-    SIGINT.store(true, Ordering::Relaxed);
+/// A termination signal that [`SignalCancel`] turns into a clean cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGINT (Ctrl-C).
+    Int,
+    /// SIGTERM (what `kill` and service managers send).
+    Term,
 }
 
-/// Installs a SIGINT handler that sets the flag [`migrate`] watches; returns the flag.
-pub fn cancel_on_sigint() -> &'static AtomicBool {
-    // SAFETY: `on_sigint` only stores to an atomic, which is async-signal-safe; `signal` is given a
-    // valid `extern "C" fn(c_int)` cast to `sighandler_t` as libc documents.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+impl StopSignal {
+    /// Every signal [`SignalCancel`] handles.
+    pub const ALL: [StopSignal; 2] = [StopSignal::Int, StopSignal::Term];
+
+    /// The signal's number.
+    pub fn number(self) -> libc::c_int {
+        match self {
+            Self::Int => libc::SIGINT,
+            Self::Term => libc::SIGTERM,
+        }
     }
-    &SIGINT
+
+    /// The signal's name, such as `SIGTERM`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int => "SIGINT",
+            Self::Term => "SIGTERM",
+        }
+    }
+
+    /// The exit status of a command it stopped: 128 plus the signal's number, as a shell reports a
+    /// command killed by it (130 for SIGINT, 143 for SIGTERM).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Int => 130,
+            Self::Term => 143,
+        }
+    }
+}
+
+/// A cancel flag for [`migrate`] that SIGINT and SIGTERM set, remembering the first signal that
+/// came, so the command can say which one stopped it. The signals are caught for the rest of the
+/// process (signal-hook cannot hand their default action back), so install it once, in a program
+/// that has nothing else to do after a cancel than to exit. A second signal, once the flag is set,
+/// ends the process at once with that signal's [`StopSignal::exit_code`], for a cancel that hangs.
+#[derive(Debug)]
+pub struct SignalCancel {
+    flag: Arc<AtomicBool>,
+    /// The first signal that arrived: 1 + its index in [`StopSignal::ALL`]; 0 before any.
+    first: Arc<AtomicUsize>,
+}
+
+impl SignalCancel {
+    /// Installs the handlers of every [`StopSignal`].
+    pub fn install() -> Result<Self, SendFailure> {
+        let cancel = Self { flag: Arc::new(AtomicBool::new(false)), first: Arc::new(AtomicUsize::new(0)) };
+        for (tag, signal) in (1..).zip(StopSignal::ALL) {
+            let setup = |err| SendFailure::SignalSetup { signal, err };
+            let number = signal.number();
+            // Actions run in the order they were registered. The exit comes first, so it sees the flag
+            // as an earlier signal left it; the record of the signal comes before the flag is set, so
+            // a reader that sees the flag also sees which signal set it. Each action only loads or
+            // stores an atomic, or calls `_exit`: all async-signal-safe.
+            let code = libc::c_int::from(signal.exit_code());
+            signal_hook::flag::register_conditional_shutdown(number, code, Arc::clone(&cancel.flag)).map_err(setup)?;
+            let first = Arc::clone(&cancel.first);
+            let record = move || {
+                // SeqCst, as signal-hook's own flags: keeps this store before the flag's.
+                let _ = first.compare_exchange(0, tag, Ordering::SeqCst, Ordering::SeqCst);
+            };
+            // SAFETY: the action is async-signal-safe (one atomic compare-exchange, no allocation, no
+            // lock) and may run on any thread at any time without harm.
+            unsafe { signal_hook::low_level::register(number, record) }.map_err(setup)?;
+            signal_hook::flag::register(number, Arc::clone(&cancel.flag)).map_err(setup)?;
+        }
+        Ok(cancel)
+    }
+
+    /// The flag to give [`migrate`]: set once a signal arrived.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+
+    /// The first signal that arrived, if any.
+    pub fn signal(&self) -> Option<StopSignal> {
+        let tag = self.first.load(Ordering::SeqCst);
+        tag.checked_sub(1).and_then(|i| StopSignal::ALL.get(i).copied())
+    }
+
+    /// `failure`, naming the signal when a signal's cancel caused it ([`SendFailure::Signal`]).
+    pub fn attribute(&self, failure: SendFailure) -> SendFailure {
+        match (failure, self.signal()) {
+            (SendFailure::Interrupted, Some(signal)) => SendFailure::Signal(signal),
+            (other, _) => other,
+        }
+    }
 }
 
 /// A send report as JSON: what `multifd send --json` prints.
@@ -796,6 +1049,9 @@ pub struct SendJson {
     pub error: Option<String>,
     /// Channels used.
     pub channels: u8,
+    /// The init packets' uuid, hyphenated lowercase (in a completed migration's summary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// Rounds sent.
     pub rounds: u32,
     /// Pages sent.
@@ -862,6 +1118,7 @@ impl SendJson {
             status: "completed",
             error: None,
             channels: r.channels,
+            uuid: Some(uuid::Uuid::from_bytes(r.uuid).to_string()),
             rounds: r.summary.rounds,
             pages: t.pages,
             normal_pages: t.normal_pages,
@@ -881,6 +1138,7 @@ impl SendJson {
             status: "failed",
             error: Some(error.to_string()),
             channels,
+            uuid: None,
             rounds: 0,
             pages: 0,
             normal_pages: 0,
@@ -903,6 +1161,7 @@ pub fn format_report(r: &SendReport, page_size: u32) -> String {
     let mut out = String::new();
     out += &format!("{:<22} {}\n", "status", "completed");
     out += &format!("{:<22} {}\n", "channels", r.channels);
+    out += &format!("{:<22} {}\n", "uuid", uuid::Uuid::from_bytes(r.uuid));
     out += &format!("{:<22} {}\n", "rounds", r.summary.rounds);
     out += &format!("{:<22} {} ({} normal, {} zero)\n", "pages sent", t.pages, t.normal_pages, t.zero_pages);
     out += &format!("{:<22} {:.1} MiB\n", "bytes on channels", mib(t.bytes));
@@ -933,4 +1192,17 @@ pub fn announce_start() {
 /// Path helper for callers: the default block name of an image (its file stem).
 pub fn default_block_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use multifd_core::wire::stream::Record;
+
+    #[test]
+    fn the_header_sent_at_connect_is_the_drivers_first_record() {
+        let mut buf = [0u8; 16];
+        let n = Record::FileHeader.encode(&mut buf, 4096).unwrap();
+        assert_eq!(FILE_HEADER, &buf[..n]);
+    }
 }

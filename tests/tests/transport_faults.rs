@@ -822,7 +822,7 @@ fn cancelled_send_fails_both_sides_cleanly() {
         let (code, json, rerr) = recv.wait(10);
         assert!(t0.elapsed() < Duration::from_secs(5), "exits took {:?}", t0.elapsed());
         assert_eq!(status.code(), Some(130), "sender: {serr}");
-        assert!(serr.lines().any(|l| l == "multifd send: interrupted: migration cancelled"), "{serr}");
+        assert!(serr.lines().any(|l| l == "multifd send: interrupted by SIGINT: migration cancelled"), "{serr}");
         assert_eq!(code, Some(1), "{rerr}");
         assert!(multifd_tests::qemu::json_status(&json, "failed"), "{json}");
         let line = rerr.lines().find(|l| l.starts_with("multifd recv: failed:")).unwrap_or_default();

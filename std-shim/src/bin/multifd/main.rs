@@ -101,8 +101,8 @@ enum Command {
         /// Guest RAM size (K, M, G suffixes).
         #[arg(long, default_value = "1G", value_parser = parse::guest_size)]
         size: u64,
-        /// Multifd channels.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+        /// Multifd channels (1 to 255, as QEMU allows).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=255))]
         channels: u8,
         /// Rounds, the final one included (at least 2).
         #[arg(long, default_value_t = 3)]
@@ -118,20 +118,23 @@ enum Command {
         json: bool,
     },
     /// Migrate RAM images to a QEMU-compatible destination (main stream plus N multifd channels).
+    /// SIGINT or SIGTERM cancels it cleanly: connections closed, exit status 130 or 143.
     Send {
         /// Destination HOST:PORT (a QEMU `-incoming` address).
         #[arg(long)]
         connect: String,
-        /// Multifd channels (the destination's `multifd-channels`).
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+        /// Multifd channels (the destination's `multifd-channels`, 1 to 255).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=255))]
         channels: u8,
         /// RAM image `FILE[:NAME]`; NAME defaults to the file stem (`m0` for `-M none,memory-backend=m0`).
+        /// Each must be a non-empty regular file of whole 4096-byte pages, each NAME used once.
         #[arg(long = "image", required = true)]
         images: Vec<String>,
         /// Machine type in the configuration section (must match the destination's).
         #[arg(long, default_value = "none")]
         machine: String,
-        /// UUID written in every init packet (all zero by default).
+        /// UUID written in every init packet (all zero by default): 32 hex digits, plain or as
+        /// 8-4-4-4-12 groups with dashes, optionally in braces or after `urn:uuid:`; either case.
         #[arg(long, value_parser = parse::uuid)]
         uuid: Option<[u8; 16]>,
         /// Print the summary as JSON.
@@ -326,17 +329,24 @@ fn send_cli(
             print_json(&send::SendJson::failed(&e, channels));
         }
         eprintln!("multifd send: {e}");
-        ExitCode::from(if matches!(e, send::SendFailure::Interrupted) { 130 } else { 1 })
+        ExitCode::from(match e {
+            send::SendFailure::Signal(signal) => signal.exit_code(),
+            send::SendFailure::Interrupted => 130,
+            _ => 1,
+        })
     };
     let blocks = match send::ImageSet::load(images) {
         Ok(b) => b,
         Err(e) => return fail(e),
     };
-    let cancel = send::cancel_on_sigint();
+    let cancel = match send::SignalCancel::install() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
     let opts = send::SendOptions { connect: addr, channels, uuid: uuid.unwrap_or([0; 16]), machine, page_size: 4096 };
     let mut embedder = send::StaticPrecopy::new(&blocks, opts.page_size);
     send::announce_start();
-    match send::migrate_with(&opts, limits, &blocks, &mut embedder, cancel) {
+    match send::migrate_with(&opts, limits, &blocks, &mut embedder, cancel.flag()).map_err(|e| cancel.attribute(e)) {
         Ok(report) if json => {
             print_json(&send::SendJson::completed(&report, opts.page_size));
             ExitCode::SUCCESS

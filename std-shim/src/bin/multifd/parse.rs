@@ -2,18 +2,11 @@
 
 use std::time::Duration;
 
-/// Parses a uuid: 32 hex digits, dashes anywhere ignored.
+/// Parses a uuid with [`uuid::Uuid::parse_str`]: 32 hex digits, either plain or in the 8-4-4-4-12
+/// groups of the hyphenated form, which may also come in braces (`{...}`) or after `urn:uuid:`; hex
+/// digits in either case. Dashes elsewhere are refused.
 pub(crate) fn uuid(s: &str) -> Result<[u8; 16], String> {
-    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
-    if hex.len() != 32 {
-        return Err(format!("uuid {s:?}: {} hex digits, 32 expected", hex.len()));
-    }
-    let mut out = [0u8; 16];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let txt = std::str::from_utf8(pair).map_err(|_| format!("uuid {s:?}: not hex"))?;
-        out[i] = u8::from_str_radix(txt, 16).map_err(|_| format!("uuid {s:?}: {txt:?} is not hex"))?;
-    }
-    Ok(out)
+    uuid::Uuid::parse_str(s).map(uuid::Uuid::into_bytes).map_err(|e| format!("uuid {s:?}: {e}"))
 }
 
 /// Parses a byte count: digits with an optional K/M/G/T suffix (powers of 1024; `B`/`iB` allowed).
@@ -102,9 +95,28 @@ mod tests {
     }
 
     #[test]
-    fn uuids_take_32_hex_digits() {
-        assert_eq!(uuid("00112233-4455-6677-8899-aabbccddeeff").unwrap()[15], 0xff);
-        uuid("0011").unwrap_err();
-        uuid(&"g".repeat(32)).unwrap_err();
+    fn uuids_take_32_hex_digits_plain_or_in_the_standard_forms() {
+        let want: [u8; 16] =
+            [0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
+        for ok in [
+            "00112233-4455-6677-8899-aabbccddeeff",
+            "00112233445566778899aabbccddeeff",
+            "00112233-4455-6677-8899-AABBCCDDEEFF",
+            "{00112233-4455-6677-8899-aabbccddeeff}",
+            "urn:uuid:00112233-4455-6677-8899-aabbccddeeff",
+        ] {
+            assert_eq!(uuid(ok), Ok(want), "{ok}");
+        }
+        for bad in [
+            "0011",
+            &"g".repeat(32),
+            "0011-22334455-6677-8899-aabbccddeeff",
+            "00112233-4455-6677-8899-aabbccddeeff0",
+            " 00112233445566778899aabbccddeeff",
+            "",
+        ] {
+            let e = uuid(bad).unwrap_err();
+            assert!(e.starts_with(&format!("uuid {bad:?}: ")), "{bad}: {e}");
+        }
     }
 }
