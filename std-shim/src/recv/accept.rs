@@ -9,7 +9,8 @@
 //! too and named in the same error whenever it comes.
 //!
 //! What a connection that is not part of the migration can cost is bounded: a fixed buffer of
-//! [`INIT_PACKET_LEN`] bytes, at most [`MAX_PENDING`] of them waiting at once (the oldest is dropped
+//! [`INIT_PACKET_LEN`] bytes, at most [`MAX_PENDING`] of them waiting at once beyond the migration's
+//! own connections (the oldest is dropped
 //! for a new one), each for at most the io timeout. Such a connection never fails the migration:
 //! one that closes before it sends anything (a port probe, a health check), sends bytes that are not
 //! a migration's, or does not identify itself within the io timeout is dropped with a log line. A
@@ -32,7 +33,8 @@ use multifd_core::wire::packet::INIT_PACKET_LEN;
 use super::{Conns, Control, Failure, Limits, Options, Place, Report, Session};
 use crate::util::{Stall, lock};
 
-/// Most accepted connections waiting to identify themselves at once.
+/// Most accepted connections waiting to identify themselves at once, beyond the migration's own
+/// (the main stream and every channel may all be waiting at once, as in a burst of 255 channels).
 pub const MAX_PENDING: usize = 64;
 
 /// How often the acceptor looks at its stop flag, the accept deadline and the signals.
@@ -354,9 +356,10 @@ impl Acceptor<'_> {
             }
             let _ = stream.set_nodelay(true);
             log::debug!("connection #{index} from {peer} accepted");
-            if self.pending.len() >= MAX_PENDING {
+            let limit = MAX_PENDING + usize::from(self.session.config().channels) + 1;
+            if self.pending.len() >= limit {
                 let oldest = self.pending.remove(0);
-                self.ignore(&oldest, &format!("still unidentified when {MAX_PENDING} others waited; dropped"));
+                self.ignore(&oldest, &format!("still unidentified when {limit} others waited; dropped"));
             }
             let since = Instant::now();
             self.pending.push(Pending { stream, index, peer: Some(peer), since, buf: [0; INIT_PACKET_LEN], have: 0 });

@@ -52,7 +52,8 @@ enum Command {
         /// Directory for the block files.
         #[arg(long)]
         out: PathBuf,
-        /// Refuse channels whose init packet carries another uuid (32 hex digits, dashes allowed).
+        /// Refuse channels whose init packet carries another uuid: 32 hex digits, plain or in
+        /// 8-4-4-4-12 groups with dashes, optionally in braces or after `urn:uuid:`; either case.
         #[arg(long, value_parser = parse::uuid)]
         uuid: Option<[u8; 16]>,
         /// Target page size of the migration.
@@ -187,8 +188,8 @@ enum LayoutArg {
     V9_0,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Logging for `cli`: the level from `-q`/`-v`, every line prefixed with the command's name.
+fn init_logging(cli: &Cli) {
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => log::LevelFilter::Warn,
         (false, 0) => log::LevelFilter::Info,
@@ -203,6 +204,11 @@ fn main() -> ExitCode {
         None => "multifd",
     };
     multifd_std::init_logging_as(prefix, level);
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
     let quiet = cli.quiet;
     match cli.command {
         None => {
