@@ -187,7 +187,7 @@ class Recv:
 
 def run_send(binary, port, channels, image):
     """Starts `multifd send`; returns the process (stderr piped: its "connecting at" line is the start)."""
-    return subprocess.Popen([binary, "send", "--connect", f"127.0.0.1:{port}", "--channels", str(channels),
+    return subprocess.Popen([binary, "-v", "send", "--connect", f"127.0.0.1:{port}", "--channels", str(channels),
                              "--image", f"{image}:m0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -212,15 +212,17 @@ impl DemoReport {
     pub fn text(&self) -> String {
         let (o, r) = (&self.opts, &self.recv);
         format!(
-            "multifd demo: {} MiB guest, {} channels, {}% zero pages, seed {}\n{}{}{:<22} {} epochs, {} packets, {:.3} s from listening to block file written\n{:<22} byte-exact ({} pages)\n",
+            "multifd demo: {} MiB guest, {} channel{}, {}% zero pages, seed {}\n{}{}{:<22} {} sync epoch{}, {} packets, {:.3} s from listening to block file written\n{:<22} byte-exact ({} pages)\n",
             o.size >> 20,
             o.channels,
+            if o.channels == 1 { "" } else { "s" },
             o.zero_percent,
             o.seed,
             format_report(&self.send, PAGE as u32),
             channel_balance(&r.channels),
             "receiver",
             r.sync_epochs,
+            if r.sync_epochs == 1 { "" } else { "s" },
             r.packets,
             r.seconds,
             "verification",

@@ -843,6 +843,19 @@ pub fn migrate_with<P: Precopy + ?Sized>(
     embedder: &mut P,
     cancel: &AtomicBool,
 ) -> Result<SendReport, SendFailure> {
+    migrate_observed(opts, limits, blocks, embedder, cancel, &AtomicU64::new(0))
+}
+
+/// As [`migrate_with`]; `written` counts the bytes written on every connection as they go (for a
+/// progress display: read it from another thread, `Relaxed`).
+pub fn migrate_observed<P: Precopy + ?Sized>(
+    opts: &SendOptions,
+    limits: &SendLimits,
+    blocks: &ImageSet,
+    embedder: &mut P,
+    cancel: &AtomicBool,
+    written: &AtomicU64,
+) -> Result<SendReport, SendFailure> {
     let engine = new_engine(opts, blocks)?;
     // Relaxed: see the watcher below. A cancel that came before is not left waiting on connects.
     if cancel.load(Ordering::Relaxed) {
@@ -850,7 +863,6 @@ pub fn migrate_with<P: Precopy + ?Sized>(
     }
     let t0 = Instant::now();
     let main = connect_main(opts, limits)?;
-    let written = AtomicU64::new(0);
     let pace = limits.max_bandwidth.map(|bytes_per_sec| Pace { bytes_per_sec, next: Mutex::new(None) });
     let main_clone = main.try_clone().map_err(SendFailure::Main)?;
     let streams: Mutex<Vec<Option<TcpStream>>> = Mutex::new((0..opts.channels).map(|_| None).collect());
@@ -858,7 +870,7 @@ pub fn migrate_with<P: Precopy + ?Sized>(
     let notify = SendNotify { workers: Mutex::new(vec![None; MAX_SEND_CHANNELS]), producer: thread::current() };
     let engine_ref: &Engine<'_> = &engine;
 
-    let stall = Stall { total: &written, limit: limits.io_timeout };
+    let stall = Stall { total: written, limit: limits.io_timeout };
     let ctx = Worker { engine: engine_ref, notify: &notify, streams: &streams, pace: pace.as_ref(), stall };
     let worker = |id: ChannelId, waker: &StdWaker<'_>| {
         if let Err(failure) = ctx.run(id, waker) {
@@ -903,7 +915,7 @@ pub fn migrate_with<P: Precopy + ?Sized>(
         })
     });
     let elapsed = t0.elapsed();
-    log::info!("multifd send: {joined} of {} channel workers joined", opts.channels);
+    log::debug!("{joined} of {} channel workers joined", opts.channels);
     drop(main);
     let mut engine = engine;
     match result {
@@ -1184,14 +1196,44 @@ pub fn format_report(r: &SendReport, page_size: u32) -> String {
     out
 }
 
-/// Announces the migration's start on stderr, with the unix time the benchmarks read.
+/// Logs the migration's start (at debug level: `-v`), with the unix time the benchmarks read.
 pub fn announce_start() {
-    eprintln!("multifd send: connecting at unix time {:.6}", unix_now());
+    log::debug!("connecting at unix time {:.6}", unix_now());
 }
 
 /// Path helper for callers: the default block name of an image (its file stem).
 pub fn default_block_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Runs `f` while a progress bar on stderr (a terminal only, and when `show`) follows `written`
+/// against `total` bytes, with rate and time left; the bar is cleared when `f` returns. Later
+/// rounds resend dirty pages, so past the first pass the bar stays full and the byte count goes on.
+pub fn with_progress<R>(show: bool, total: u64, written: &AtomicU64, f: impl FnOnce() -> R) -> R {
+    use std::io::IsTerminal;
+    if !show || !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        s.spawn(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            let style = indicatif::ProgressStyle::with_template(
+                "{bar:30} {percent:>3}% {binary_bytes} sent of {binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            );
+            bar.set_style(style.unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            // Relaxed: a stop flag and a statistic; nothing is published through them.
+            while !done.load(Ordering::Relaxed) {
+                bar.set_position(written.load(Ordering::Relaxed));
+                thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        let r = f();
+        // Relaxed: as above.
+        done.store(true, Ordering::Relaxed);
+        r
+    })
 }
 
 #[cfg(test)]

@@ -188,7 +188,7 @@ fn sigint_mid_migration_exits_non_zero_with_workers_joined() {
     let img = dir.join("m0.img");
     std::fs::write(&img, guest_image(3, 64 << 20, 10)).unwrap();
     let child = Command::new(multifd_tests::qemu::multifd_bin())
-        .args(["send", "--connect", &format!("127.0.0.1:{port}"), "--channels", "3", "--image"])
+        .args(["-v", "send", "--connect", &format!("127.0.0.1:{port}"), "--channels", "3", "--image"])
         .arg(&img)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -235,7 +235,7 @@ fn main() -> ExitCode {
                 io_timeout: io_timeout.0,
                 max_bandwidth: max_bandwidth.filter(|&b| b > 0),
             };
-            send_cli(&connect, channels, &images, machine, uuid, json, &limits)
+            send_cli(&connect, channels, &images, machine, uuid, (json, quiet), &limits)
         }
         Some(Command::Recv {
             listen,
@@ -320,7 +320,7 @@ fn send_cli(
     images: &[String],
     machine: String,
     uuid: Option<[u8; 16]>,
-    json: bool,
+    (json, quiet): (bool, bool),
     limits: &send::SendLimits,
 ) -> ExitCode {
     let addr = match connect.to_socket_addrs().map(|mut a| a.next()) {
@@ -352,7 +352,13 @@ fn send_cli(
     let opts = send::SendOptions { connect: addr, channels, uuid: uuid.unwrap_or([0; 16]), machine, page_size: 4096 };
     let mut embedder = send::StaticPrecopy::new(&blocks, opts.page_size);
     send::announce_start();
-    match send::migrate_with(&opts, limits, &blocks, &mut embedder, cancel.flag()).map_err(|e| cancel.attribute(e)) {
+    let total = {
+        use multifd_std::multifd_core::send::SourceBlocks;
+        (0..blocks.count()).map(|b| blocks.used_len(b)).sum()
+    };
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let run = || send::migrate_observed(&opts, limits, &blocks, &mut embedder, cancel.flag(), &written);
+    match send::with_progress(!json && !quiet, total, &written, run).map_err(|e| cancel.attribute(e)) {
         Ok(report) if json => {
             print_json(&send::SendJson::completed(&report, opts.page_size));
             ExitCode::SUCCESS
