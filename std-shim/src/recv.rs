@@ -445,7 +445,7 @@ impl<'s> MainReader<'s> {
 /// connection that made it give up, whose error then wins (see `receive`).
 fn source_gone(hub: &Hub) -> Failure {
     let _ = hub.wait_all(accept::GONE_GRACE);
-    Failure::SourceGone { place: Place::Main }
+    Failure::SourceGone { place: Place::Main, ignored: hub.ignored() }
 }
 
 /// Everything the receive's threads share.

@@ -161,7 +161,7 @@ fn cases() -> Vec<Case> {
         vec![main_stream(1, true), bad, c1.clone()],
         false,
         "Connection { stream: 1, error: Handshake { error: UnknownChannelMagic { found: 287454021 } } }",
-        "channel 0 never connected: still missing 2 s after the first connection (--accept-timeout); 1 other connection was dropped unidentified (see the log)",
+        "main stream: closed by the source before every connection was in (it gave up; its own log says why); 1 other connection was dropped unidentified (see the log)",
     );
     let mut bad = c0.clone();
     bad[7] = 2;
@@ -200,21 +200,21 @@ fn cases() -> Vec<Case> {
         vec![main_stream(1, true), c0[..30].to_vec(), c1.clone()],
         false,
         "Connection { stream: 1, error: ClosedEarly { have: 30 } }",
-        "channel 0 never connected: still missing 2 s after the first connection (--accept-timeout); 1 other connection was dropped unidentified (see the log)",
+        "main stream: closed by the source before every connection was in (it gave up; its own log says why); 1 other connection was dropped unidentified (see the log)",
     );
     add(
         "connection_closed_before_init",
         vec![main_stream(1, true), c0.clone(), Vec::new()],
         false,
         "Connection { stream: 2, error: ClosedEarly { have: 0 } }",
-        "channel 1 never connected: still missing 2 s after the first connection (--accept-timeout); 1 other connection was dropped unidentified (see the log)",
+        "main stream: closed by the source before every connection was in (it gave up; its own log says why); 1 other connection was dropped unidentified (see the log)",
     );
     add(
         "connection_closed_after_2_bytes",
         vec![main_stream(1, true), c0.clone(), c1[..2].to_vec()],
         false,
         "Connection { stream: 2, error: ClosedEarly { have: 2 } }",
-        "channel 1 never connected: still missing 2 s after the first connection (--accept-timeout); 1 other connection was dropped unidentified (see the log)",
+        "main stream: closed by the source before every connection was in (it gave up; its own log says why); 1 other connection was dropped unidentified (see the log)",
     );
     add(
         "second_main_stream",

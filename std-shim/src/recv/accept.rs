@@ -149,6 +149,11 @@ impl Hub {
         lock(&self.state).failure.take()
     }
 
+    /// How many connections were dropped unidentified so far.
+    pub(super) fn ignored(&self) -> usize {
+        lock(&self.state).ignored
+    }
+
     /// Whether a failure is recorded.
     pub(super) fn failed(&self) -> bool {
         lock(&self.state).failure.is_some()
@@ -277,7 +282,7 @@ impl Acceptor<'_> {
             && !all
             && since.elapsed() >= GONE_GRACE
         {
-            return Err(Failure::SourceGone { place: Place::Channel(id) });
+            return Err(Failure::SourceGone { place: Place::Channel(id), ignored: self.hub.ignored() });
         }
         // Reused from step to step: an idle acceptor allocates nothing while a migration runs.
         let mut fds = std::mem::take(&mut self.fds);

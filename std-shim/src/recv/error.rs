@@ -108,8 +108,11 @@ pub enum Failure {
     /// The main stream or a channel closed while other connections were still missing: the source
     /// gave up.
     SourceGone {
-        /// The channel.
+        /// The main stream or the channel.
         place: Place,
+        /// Connections dropped meanwhile without being identified (each was logged): often what
+        /// made the source give up.
+        ignored: usize,
     },
     /// A signal (or [`Control::stop`](super::Control::stop)) stopped the receive; nothing was kept.
     Interrupted {
@@ -155,16 +158,13 @@ impl fmt::Display for Failure {
                     f,
                     "{who} never connected: still missing {waited} after the first connection (--accept-timeout)"
                 )?;
-                match ignored {
-                    0 => Ok(()),
-                    1 => write!(f, "; 1 other connection was dropped unidentified (see the log)"),
-                    n => write!(f, "; {n} other connections were dropped unidentified (see the log)"),
-                }
+                dropped(f, *ignored)
             }
-            Failure::SourceGone { place } => write!(
-                f,
-                "{place}: closed by the source before every connection was in (it gave up; its own log says why)"
-            ),
+            Failure::SourceGone { place, ignored } => {
+                let why = "closed by the source before every connection was in (it gave up; its own log says why)";
+                write!(f, "{place}: {why}")?;
+                dropped(f, *ignored)
+            }
             Failure::Interrupted { signal: Some(s) } => {
                 write!(f, "interrupted by {}; nothing was kept", signal_name(*s))
             }
@@ -179,6 +179,15 @@ impl fmt::Display for Failure {
 }
 
 impl std::error::Error for Failure {}
+
+/// Appends how many connections were dropped unidentified, if any.
+fn dropped(f: &mut fmt::Formatter<'_>, ignored: usize) -> fmt::Result {
+    match ignored {
+        0 => Ok(()),
+        1 => write!(f, "; 1 other connection was dropped unidentified (see the log)"),
+        n => write!(f, "; {n} other connections were dropped unidentified (see the log)"),
+    }
+}
 
 /// `SIGINT`, `SIGTERM`, or `signal N`.
 pub(crate) fn signal_name(signal: i32) -> String {
