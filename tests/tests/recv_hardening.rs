@@ -123,11 +123,12 @@ fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A `multifd recv` process with its stderr captured.
-fn spawn_recv(args: &[&str]) -> Child {
+/// A `multifd recv` process for 2 channels on a free port, with its stderr captured: `out` and
+/// `port_file` as given, then `extra`.
+fn spawn_recv(out: &str, port_file: &str, extra: &[&str]) -> Child {
     Command::new(multifd_bin())
-        .arg("recv")
-        .args(args)
+        .args(["recv", "--listen", "127.0.0.1:0", "--channels", "2", "--out", out, "--port-file", port_file])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -161,18 +162,7 @@ fn h1_huge_timeouts_are_refused_and_never_panic() {
             let port_file = dir.join("port");
             let _ = std::fs::remove_file(&port_file);
             let out = dir.join("out");
-            let child = spawn_recv(&[
-                "--listen",
-                "127.0.0.1:0",
-                "--channels",
-                "2",
-                "--out",
-                out.to_str().unwrap(),
-                "--port-file",
-                port_file.to_str().unwrap(),
-                option,
-                value,
-            ]);
+            let child = spawn_recv(out.to_str().unwrap(), port_file.to_str().unwrap(), &[option, value]);
             // If it listens anyway, be its first peer (the old receiver panicked right there).
             if let Some(port) = read_port(&port_file, Instant::now() + Duration::from_secs(2)) {
                 let _c = connect(port, &main_head((PAGES * PAGE) as u64));
@@ -228,16 +218,7 @@ fn h3_unwritable_out_is_refused_before_listening() {
     with_deadline(60, "h3_unwritable_out_is_refused_before_listening", || {
         let dir = temp_dir("h3");
         let port_file = dir.join("port");
-        let child = spawn_recv(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--channels",
-            "2",
-            "--out",
-            "/proc/self/fdinfo",
-            "--port-file",
-            port_file.to_str().unwrap(),
-        ]);
+        let child = spawn_recv("/proc/self/fdinfo", port_file.to_str().unwrap(), &[]);
         // The old receiver listened and took the whole migration before it found out.
         let port = read_port(&port_file, Instant::now() + Duration::from_secs(2));
         if let Some(port) = port {
@@ -249,16 +230,7 @@ fn h3_unwritable_out_is_refused_before_listening() {
         assert!(err.contains("/proc/self/fdinfo"), "the error does not name --out: {err}");
         // And a port file that cannot be created is refused the same way.
         let out = dir.join("out");
-        let child = spawn_recv(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--channels",
-            "2",
-            "--out",
-            out.to_str().unwrap(),
-            "--port-file",
-            "/proc/self/fdinfo/port",
-        ]);
+        let child = spawn_recv(out.to_str().unwrap(), "/proc/self/fdinfo/port", &[]);
         let (code, err) = wait_child(child, 5);
         assert_eq!(code, Some(1), "stderr: {err}");
         assert!(err.contains("/proc/self/fdinfo/port"), "the error does not name --port-file: {err}");
@@ -385,16 +357,7 @@ fn h7_signals_stop_cleanly_and_leave_no_partial_file() {
             // A 1 GiB block sent as zero pages: cheap to send, and then the receiver has 1 GiB to
             // write once the migration completed, long enough to be interrupted in.
             let size: u64 = 1 << 30;
-            let child = spawn_recv(&[
-                "--listen",
-                "127.0.0.1:0",
-                "--channels",
-                "2",
-                "--out",
-                out.to_str().unwrap(),
-                "--port-file",
-                port_file.to_str().unwrap(),
-            ]);
+            let child = spawn_recv(out.to_str().unwrap(), port_file.to_str().unwrap(), &[]);
             let port = read_port(&port_file, Instant::now() + Duration::from_secs(10)).expect("no port");
             let pages = (size as usize) / PAGE;
             let per_packet = synthetic::geo().page_count() as usize;

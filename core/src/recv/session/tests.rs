@@ -468,6 +468,14 @@ fn finish_refuses_the_token_of_another_coordinator() {
     assert!(matches!(s.finish(&foreign, &main, &t), Err(RecvError::ForeignToken(_))));
 }
 
+/// A main stream that read its block list from `head` and started on `t`.
+fn started(s: &Session, t: &BlockTable<'_, AtomicRegion<'_>, 2>, head: &[u8]) -> MainStream<2> {
+    let mut main: MainStream<2> = MainStream::new(s);
+    main.read_block_list(s, head).unwrap();
+    main.start(t).unwrap();
+    main
+}
+
 /// A RAM_SAVE_FLAG_PAGE record for offset 0 of `m0` with its page: what a source not using multifd
 /// sends on the main stream.
 fn plain_page() -> Vec<u8> {
@@ -484,12 +492,10 @@ fn a_page_on_the_main_stream_means_no_multifd_and_is_refused() {
     let g = Guest::new();
     let region = AtomicRegion::new(&g.mem);
     let t = table(&region, &g.words);
-    let mut main: MainStream<2> = MainStream::new(&s);
     let mut bytes = full_block();
     let head = bytes.len();
     bytes.extend(plain_page());
-    main.read_block_list(&s, &bytes[..head]).unwrap();
-    main.start(&t).unwrap();
+    let mut main = started(&s, &t, &bytes[..head]);
     // Looking ahead finds it without applying anything; feeding refuses it.
     // The position is the page data's: after the record's 8-byte header and the block name.
     let data = head as u64 + 8 + 3;
@@ -504,7 +510,6 @@ fn looking_ahead_from_a_marker_finds_a_page_after_it_and_nothing_in_a_multifd_st
     let g = Guest::new();
     let region = AtomicRegion::new(&g.mem);
     let t = table(&region, &g.words);
-    let mut main: MainStream<2> = MainStream::new(&s);
     let mut bytes = full_block();
     let head = bytes.len();
     emit(&mut bytes, Record::Eos);
@@ -512,8 +517,7 @@ fn looking_ahead_from_a_marker_finds_a_page_after_it_and_nothing_in_a_multifd_st
     emit(&mut bytes, Record::SectionPart { end: false, section_id: 1 });
     let page_at = bytes.len() as u64;
     bytes.extend(plain_page());
-    main.read_block_list(&s, &bytes[..head]).unwrap();
-    main.start(&t).unwrap();
+    let mut main = started(&s, &t, &bytes[..head]);
     let step = main.feed(&s, &bytes[head..], &t).unwrap();
     assert_eq!(step.state, MainState::AtMarker, "the first EOS is a marker");
     let rest = &bytes[head + step.used..];
@@ -523,9 +527,7 @@ fn looking_ahead_from_a_marker_finds_a_page_after_it_and_nothing_in_a_multifd_st
     // A multifd stream's tail after its marker holds no page.
     let mut multifd = full_block();
     multifd.extend(main_tail(2));
-    let mut main: MainStream<2> = MainStream::new(&s);
-    main.read_block_list(&s, &multifd[..head]).unwrap();
-    main.start(&t).unwrap();
+    let mut main = started(&s, &t, &multifd[..head]);
     let step = main.feed(&s, &multifd[head..], &t).unwrap();
     assert_eq!(step.state, MainState::AtMarker);
     assert_eq!(main.scan_ahead(&multifd[head + step.used..]), Ok(()));
