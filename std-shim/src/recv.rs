@@ -556,6 +556,12 @@ impl Run<'_, '_> {
     fn read_channel(&self, ch: &mut RecvChannel, waker: &StdWaker<'_>) -> Result<bool, Failure> {
         let (id, stream) = (ch.id(), &self.conns.chans[ch.id().index()]);
         let io_err = |error| io_failure(Place::Channel(id), "reading", error, self.stall.limit);
+        // Made once per channel: zeroing these arrays for every read cost more than the reads' own
+        // bookkeeping (callgrind, BENCHMARKS.md "Before and after the receive session").
+        let mut page_io = PageIo {
+            ranges: [PageRange::EMPTY; MAX_IOV],
+            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV],
+        };
         let mut scratch = [0u8; 16 * 1024];
         // Whether the current packet's data pages were populated before the first read into them.
         let mut prefaulted = false;
@@ -566,7 +572,7 @@ impl Run<'_, '_> {
                     read_retry(stream, buf, self.stall).map_err(io_err)?
                 }
                 Want::Page { .. } => {
-                    let n = self.read_pages(ch, stream, &mut prefaulted, &mut scratch).map_err(io_err)?;
+                    let n = self.read_pages(ch, stream, &mut prefaulted, &mut page_io, &mut scratch).map_err(io_err)?;
                     if n > 0 {
                         self.stall.moved(n);
                         ch.advance_many(n, self.table)?;
@@ -597,16 +603,16 @@ impl Run<'_, '_> {
         ch: &RecvChannel,
         stream: &TcpStream,
         prefaulted: &mut bool,
+        page_io: &mut PageIo,
         scratch: &mut [u8],
     ) -> io::Result<usize> {
-        let mut ranges = [PageRange::EMPTY; MAX_IOV];
-        let count = ch.pending_pages(self.table, &mut ranges);
+        let PageIo { ranges, iov } = page_io;
+        let count = ch.pending_pages(self.table, ranges);
         let ranges = &ranges[..count];
         if !*prefaulted {
             *prefaulted = true;
             prefault_runs(self.table, ranges);
         }
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
         let mut used = 0;
         for r in ranges {
             let Some(b) = self.table.get(r.block) else { break };
@@ -681,6 +687,13 @@ impl Run<'_, '_> {
         }
         bar.finish_and_clear();
     }
+}
+
+/// A channel worker's buffers for one vectored read: the packet's pending page ranges and the
+/// `iovec`s pointing at them; reused from read to read (only the first `count` entries are used).
+struct PageIo {
+    ranges: [PageRange; MAX_IOV],
+    iov: [libc::iovec; MAX_IOV],
 }
 
 /// Most pages one vectored read fills (a packet of 1 KiB pages has 512).

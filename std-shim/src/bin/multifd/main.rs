@@ -156,12 +156,13 @@ enum Command {
 
 /// What `multifd recv --help` adds after the options.
 const RECV_HELP: &str = "\
-What the source must use (QEMU 7.2 to 10.0 were tested):
+What the source must use (tested live against QEMU 10.0, and with captures of QEMU 7.2):
   - the multifd capability on both sides, and multifd-channels equal to --channels;
   - plain TCP (no TLS), no multifd-compression, no mapped-ram, no postcopy-ram;
   - return-path off: a source that asks for a return path is refused at once, since this
     receiver does not answer on one;
-  - any zero-page-detection (multifd, legacy or none) and any page size --page-size names.
+  - any zero-page-detection (multifd, legacy or none); --page-size is the source's target
+    page size (4096 on x86).
 A source that has silently dropped multifd (it sends pages on the main stream) is refused at once.
 
 Connections that are not part of the migration (port probes, health checks, stray clients) are
@@ -173,10 +174,11 @@ once every page arrived; a failure, SIGINT or SIGTERM removes them (exit 130 or 
 
 Example, destination:
   multifd recv --listen 0.0.0.0:4444 --channels 4 --out /var/lib/guest --json
-and on the QEMU source (QMP):
-  migrate-set-capabilities multifd=on
-  migrate-set-parameters multifd-channels=4
-  migrate uri=tcp:DEST:4444";
+and on the QEMU source (monitor commands; QMP has the same with migrate-set-capabilities,
+migrate-set-parameters and migrate):
+  migrate_set_capability multifd on
+  migrate_set_parameter multifd-channels 4
+  migrate -d tcp:DEST:4444";
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LayoutArg {
