@@ -498,12 +498,14 @@ struct Pace {
 impl Pace {
     /// Waits until `bytes` may be written; returns early when `stop` says so.
     fn take(&self, bytes: usize, stop: impl Fn() -> bool) {
-        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec.max(1) as f64);
+        // At most a packet at a rate of at least 1 byte/s: days, not an overflow; checked anyway.
+        let secs = bytes as f64 / self.bytes_per_sec.max(1) as f64;
+        let cost = Duration::try_from_secs_f64(secs).unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
         let start = {
             let mut next = lock(&self.next);
             let now = Instant::now();
             let start = next.map_or(now, |n| n.max(now));
-            *next = Some(start + cost);
+            *next = Some(start.checked_add(cost).unwrap_or(start));
             start
         };
         while !stop() {
