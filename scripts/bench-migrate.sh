@@ -22,7 +22,11 @@
 # Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir),
 #   MULTIFD_BENCH_BASE (another build's `multifd` binary, e.g. of the commit before a change: its
 #   send->recv and send->QEMU runs, both ends that build, are interleaved with this build's, and a
-#   before/after table is printed).
+#   before/after table is printed: per-repetition ratios now/base of wall time and of CPU seconds,
+#   their median, interquartile range and a bootstrap 95% interval of the median),
+#   MULTIFD_BENCH_ONLY_BASE=1 (with MULTIFD_BENCH_BASE: run only this build's and the base build's
+#   variants, no QEMU source, iperf3 or floor; every ratio against QEMU or the floor changes by exactly
+#   the now/base factor, since both builds are divided by the same reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -38,9 +42,9 @@ mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(iperf3 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
 BASE="${MULTIFD_BENCH_BASE:-}"
 [ -z "$BASE" ] || [ -x "$BASE" ] || { echo "MULTIFD_BENCH_BASE=$BASE is not an executable" >&2; exit 2; }
-PYTHONPATH="$(pwd)/scripts" BASE="$BASE" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
+PYTHONPATH="$(pwd)/scripts" BASE="$BASE" ONLY_BASE="${MULTIFD_BENCH_ONLY_BASE:-}" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
 import json, os, re, subprocess, sys, time
-from benchlib import (Recv, Runs, make_image, qemu_dest, qemu_source, run_send, same_file, send_started,
+from benchlib import (ChildCpu, Recv, Runs, make_image, qemu_dest, qemu_source, run_send, same_file, send_started,
                       start_migration)
 
 BIN, WORK, MIB, REPS = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -50,18 +54,23 @@ MIBF = float(1 << 20)
 
 
 BASE = os.environ.get("BASE") or None
+ONLY_BASE = os.environ.get("ONLY_BASE") == "1"
+GIB = MIB / 1024
 
 
 def ours(ch, prealloc, binary=BIN):
+    cpu = ChildCpu()
     r = Recv(binary, WORK, ch, MIB if prealloc else None)
     s = run_send(binary, r.port, ch, IMAGE)
     t0 = send_started(s)
     at, _, report = r.finish()
+    u, s_ = cpu.stop()
     if not same_file(r.block_file(), IMAGE):
         raise RuntimeError("the received block differs from the image")
     os.unlink(r.block_file())
     t = at - t0
-    return t, {"wire_MiB/s": report["bytes"] / MIBF / t}
+    # CPU: both processes over their whole lives (image load and --prealloc included), per GiB of guest.
+    return t, {"wire_MiB/s": report["bytes"] / MIBF / t, "cpu_s/GiB": (u + s_) / GIB}
 
 
 def qemu(ch, prealloc):
@@ -80,12 +89,14 @@ def qemu(ch, prealloc):
 def send_qdest(ch, binary=BIN):
     d, port = qemu_dest(WORK, MIB, ch, True)
     try:
+        cpu = ChildCpu()
         s = run_send(binary, port, ch, IMAGE)
         t1 = d.wait_status("completed")
         t0 = send_started(s)
+        u, s_ = cpu.stop()  # multifd send only: the QEMU destination is reaped later, in d.stop()
     finally:
         d.stop()
-    return t1 - t0
+    return t1 - t0, {"send_cpu_s/GiB": (u + s_) / GIB}
 
 
 def floor(ch, prealloc):
@@ -109,6 +120,10 @@ VARIANTS = [("ours_fresh", lambda c: ours(c, False)), ("qemu_fresh", lambda c: q
             ("ours_pre", lambda c: ours(c, True)), ("qemu_pre", lambda c: qemu(c, True)),
             ("send_qdest", send_qdest), ("iperf3", iperf), ("floor_fresh", lambda c: floor(c, False)),
             ("floor_pre", lambda c: floor(c, True))]
+if ONLY_BASE and not BASE:
+    sys.exit("MULTIFD_BENCH_ONLY_BASE=1 needs MULTIFD_BENCH_BASE")
+if ONLY_BASE:
+    VARIANTS = [(n, f) for n, f in VARIANTS if n in ("ours_fresh", "ours_pre", "send_qdest")]
 if BASE:
     VARIANTS += [("ours_fresh_base", lambda c: ours(c, False, BASE)), ("ours_pre_base", lambda c: ours(c, True, BASE)),
                  ("send_qdest_base", lambda c: send_qdest(c, BASE))]
@@ -125,6 +140,19 @@ try:
 finally:
     server.kill()
 
+
+def before_after():
+    print(f"\nBefore/after: this build against {BASE} (both ends), paired within each repetition:\n")
+    both = ((None, "wall time"), ("cpu_s/GiB", "CPU s/GiB, both ends"))
+    runs.paired_table([("ours_fresh", "ours_fresh_base", both), ("ours_pre", "ours_pre_base", both),
+                       ("send_qdest", "send_qdest_base", ((None, "wall time"), ("send_cpu_s/GiB", "CPU s/GiB, send")))],
+                      CHANNELS)
+
+
+if ONLY_BASE:
+    before_after()
+    runs.report_failures()
+    sys.exit(0)
 m = runs.median
 print("\nMedians (seconds; ratio = ours / QEMU time):\n")
 print("| channels | send->recv fresh | QEMU->QEMU fresh | ratio (goal <= 0.5) | send->recv prealloc | "
@@ -157,5 +185,6 @@ if BASE:
         sf, sb = m('send_qdest', ch), m('send_qdest_base', ch)
         print(f"| {ch} | {of / qf:.2f} | {ob / qf:.2f} | {pf / qp:.2f} | {pb / qp:.2f} | {sf / qp:.2f} | {sb / qp:.2f} "
               f"| {of / ob:.3f} | {pf / pb:.3f} | {sf / sb:.3f} |")
+    before_after()
 runs.report_failures()
 PY

@@ -20,7 +20,11 @@
 # Usage: scripts/bench-recv.sh [REPS] [CHANNELS...]     (defaults: 5 reps, channels 1 2 4)
 # Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir),
 #   MULTIFD_BENCH_BASE (another build's `multifd` binary, e.g. of the commit before a change: its
-#   recv and prealloc runs are interleaved with this build's, and a before/after table is printed).
+#   recv and prealloc runs are interleaved with this build's, and a before/after table is printed:
+#   per-repetition ratios now/base of wall time and of the destination's CPU seconds, their median,
+#   interquartile range and a bootstrap 95% interval of the median),
+#   MULTIFD_BENCH_ONLY_BASE=1 (with MULTIFD_BENCH_BASE: only the two builds' recv and prealloc runs,
+#   no QEMU destination or discard sink; every ratio against those changes by exactly now/base).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -35,7 +39,7 @@ mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
 BASE="${MULTIFD_BENCH_BASE:-}"
 [ -z "$BASE" ] || [ -x "$BASE" ] || { echo "MULTIFD_BENCH_BASE=$BASE is not an executable" >&2; exit 2; }
-PYTHONPATH="$(pwd)/scripts" BASE="$BASE" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
+PYTHONPATH="$(pwd)/scripts" BASE="$BASE" ONLY_BASE="${MULTIFD_BENCH_ONLY_BASE:-}" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
 import os, sys
 from benchlib import Recv, Runs, discard_sink, make_image, qemu_dest, qemu_source, same_file, start_migration
 
@@ -46,6 +50,7 @@ GIB = MIB / 1024
 
 
 BASE = os.environ.get("BASE") or None
+ONLY_BASE = os.environ.get("ONLY_BASE") == "1"
 
 
 def run_recv(ch, prealloc, binary=BIN):
@@ -60,7 +65,7 @@ def run_recv(ch, prealloc, binary=BIN):
     if not same_file(r.block_file(), RAM):
         raise RuntimeError("the received block differs from the source's RAM")
     os.unlink(r.block_file())
-    return at - t0, {"user_s/GiB": user / GIB, "sys_s/GiB": sys_ / GIB}
+    return at - t0, {"user_s/GiB": user / GIB, "sys_s/GiB": sys_ / GIB, "cpu_s/GiB": (user + sys_) / GIB}
 
 
 def run_qemu_dest(ch):
@@ -92,6 +97,10 @@ def run_discard(ch):
 make_image(RAM, MIB)
 VARIANTS = [("recv", lambda c: run_recv(c, False)), ("qemu", run_qemu_dest),
             ("prealloc", lambda c: run_recv(c, True)), ("discard", run_discard)]
+if ONLY_BASE and not BASE:
+    sys.exit("MULTIFD_BENCH_ONLY_BASE=1 needs MULTIFD_BENCH_BASE")
+if ONLY_BASE:
+    VARIANTS = [(n, f) for n, f in VARIANTS if n in ("recv", "prealloc")]
 if BASE:
     VARIANTS += [("recv_base", lambda c: run_recv(c, False, BASE)), ("prealloc_base", lambda c: run_recv(c, True, BASE))]
 # One unmeasured round first: the first migrations after the image is written run cold (page
@@ -106,6 +115,18 @@ for rep in range(1, REPS + 1):
         for name, fn in (VARIANTS if rep % 2 else VARIANTS[::-1]):
             runs.run(rep, ch, name, fn)
 
+
+
+def before_after():
+    print(f"\nBefore/after: this build against {BASE}, paired within each repetition:\n")
+    dest = ((None, "wall time"), ("cpu_s/GiB", "CPU s/GiB, destination"))
+    runs.paired_table([("recv", "recv_base", dest), ("prealloc", "prealloc_base", dest)], CHANNELS)
+
+
+if ONLY_BASE:
+    before_after()
+    runs.report_failures()
+    sys.exit(0)
 m = runs.median
 print()
 # discard/QEMU: the best recv/QEMU ratio any destination could reach against this source, since
@@ -138,5 +159,6 @@ if BASE:
         print(f"| {ch} | {m('recv', ch) / q:.2f}x | {m('recv_base', ch) / q:.2f}x | {m('prealloc', ch) / d:.2f}x | "
               f"{m('prealloc_base', ch) / d:.2f}x | {m('recv', ch) / m('recv_base', ch):.3f} | "
               f"{m('prealloc', ch) / m('prealloc_base', ch):.3f} |")
+    before_after()
 runs.report_failures()
 PY
