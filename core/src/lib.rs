@@ -19,6 +19,7 @@ mod fmt;
 
 pub mod bitmap;
 pub mod block;
+pub mod codec;
 #[allow(unsafe_code)]
 pub mod lifecycle;
 #[allow(unsafe_code)]

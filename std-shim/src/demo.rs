@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use multifd_core::send::{Precopy, Quiescent, RoundStats, Step};
 
 use crate::recv;
-use crate::send::{GuestImage, ImageSet, SendFailure, SendJson, SendOptions, SendReport, format_report, migrate};
+use crate::send::{
+    GuestImage, ImageSet, SendFailure, SendJson, SendLimits, SendOptions, SendReport, format_report, migrate_with,
+};
 use serde::Serialize;
 
 const PAGE: usize = 4096;
@@ -33,6 +35,8 @@ pub struct DemoOptions {
     pub seed: u64,
     /// JSON instead of a table (the receiver then shows no progress line).
     pub json: bool,
+    /// Compression of the channels (level 1, QEMU's default).
+    pub compression: multifd_core::wire::Compression,
 }
 
 /// xorshift64: deterministic and fast.
@@ -324,7 +328,8 @@ fn send_rounds(
         rng: Rng::new(opts.seed ^ 0xd1b5_4a32_d192_ed03),
         bitmaps: Vec::new(),
     };
-    migrate(&sopts, images, &mut emb, &AtomicBool::new(false)).map_err(Some)
+    let limits = SendLimits { compression: opts.compression, ..SendLimits::default() };
+    migrate_with(&sopts, &limits, images, &mut emb, &AtomicBool::new(false)).map_err(Some)
 }
 
 /// Checks the received block file against the sender's final image, page by page.

@@ -5,8 +5,8 @@
 use core::fmt::{self, Write as _};
 use multifd_core::wire::stream::{Event, StreamConfig, StreamParser};
 use multifd_core::wire::{
-    ChannelKind, CommonHeader, Compression, DecodeError, Flags, Geometry, InitPacket, Layout, Packet, PacketConfig,
-    StreamError, identify_channel,
+    ChannelKind, CommonHeader, DecodeError, Flags, Geometry, InitPacket, Layout, Packet, PacketConfig, StreamError,
+    identify_channel,
     packet::{COMMON_HEADER_LEN, INIT_PACKET_LEN},
 };
 use serde::Serialize;
@@ -166,6 +166,12 @@ pub enum PacketRow {
         zero: u32,
         /// Payload bytes.
         next_packet_size: u32,
+        /// Compression method (`none`, `zlib`, `zstd`, ...).
+        compression: &'static str,
+        /// Payload bytes on the wire (compressed, or the data pages).
+        payload_bytes: u64,
+        /// The data pages' bytes (what a compressed payload decompresses to).
+        raw_bytes: u64,
         /// Offsets of the data pages.
         normal_offsets: Vec<u64>,
         /// Offsets of the zero pages.
@@ -291,14 +297,22 @@ fn render(file: &FileReport, out: &mut String) {
                         zero,
                         normal_offsets,
                         zero_offsets,
+                        compression,
+                        payload_bytes,
+                        raw_bytes,
                         ..
                     } => {
                         let block = if block.is_empty() { "-" } else { block };
                         let (n, z) = (short_list(normal_offsets), short_list(zero_offsets));
                         let flags = Flags(*flags).to_string();
+                        let packed = if *compression != "none" && *raw_bytes > 0 {
+                            format!(" [{compression}: {payload_bytes} bytes for {raw_bytes}]")
+                        } else {
+                            String::new()
+                        };
                         let _ = writeln!(
                             out,
-                            "{at:>10} {packet_num:>10} {flags:<12} {block:<12} {pages_alloc:>5} {normal:>6} {zero:>5} {n} | {z}"
+                            "{at:>10} {packet_num:>10} {flags:<12} {block:<12} {pages_alloc:>5} {normal:>6} {zero:>5} {n} | {z}{packed}"
                         );
                     }
                     PacketRow::DeviceState { at, idstr, instance_id, next_packet_size } => {
@@ -310,6 +324,17 @@ fn render(file: &FileReport, out: &mut String) {
                 }
             }
             let _ = writeln!(out, "{} packets, {bytes} bytes", packets.len());
+            let (mut packed, mut raw, mut method) = (0u64, 0u64, None);
+            for p in packets {
+                if let PacketRow::Ram { compression, payload_bytes, raw_bytes, .. } = p
+                    && *compression != "none"
+                {
+                    (packed, raw, method) = (packed + payload_bytes, raw + raw_bytes, Some(*compression));
+                }
+            }
+            if let Some(m) = method {
+                let _ = writeln!(out, "{m}: {raw} bytes of pages in {packed} compressed bytes");
+            }
         }
         FileReport::Main { file, records, bytes } => {
             let _ = writeln!(out, "{file}: main stream");
@@ -402,10 +427,13 @@ fn packet_row(at: u64, packet: &Packet<'_>) -> (PacketRow, u64) {
                 normal: h.normal_pages,
                 zero: h.zero_pages,
                 next_packet_size: h.next_packet_size,
+                compression: p.compression().name(),
+                payload_bytes: p.payload_len(),
+                raw_bytes: p.raw_len(),
                 normal_offsets: p.normal_offsets().collect(),
                 zero_offsets: p.zero_offsets().collect(),
             };
-            (row, p.payload_len(Compression::None))
+            (row, p.payload_len())
         }
         Packet::DeviceState(d) => {
             let (idstr, instance_id, next_packet_size) = (s(d.idstr), d.instance_id, d.next_packet_size);

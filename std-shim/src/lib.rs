@@ -9,6 +9,7 @@
 
 pub use multifd_core;
 
+pub mod codec;
 pub mod demo;
 pub mod inspect;
 pub mod mem;

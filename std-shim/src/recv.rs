@@ -9,7 +9,7 @@
 //! pages, the main stream on the calling thread, and the block files, written only when the
 //! session's completion checks passed (under a temporary name, then renamed).
 
-use std::io::{self, IsTerminal};
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -18,15 +18,14 @@ use std::time::{Duration, Instant};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
+use multifd_core::codec::Accept;
 use multifd_core::lifecycle::{ChannelId, MAX_CHANNELS};
-use multifd_core::recv::{
-    BlockListError, MainState, MainStream, PageRange, RecvChannel, RecvError, RecvSession, SessionConfig, Want,
-};
+use multifd_core::recv::{BlockListError, MainState, MainStream, RecvError, RecvSession, SessionConfig};
 use multifd_core::wire::{Geometry, PacketConfig};
 
 use crate::mem::{AnonMemory, Populate};
 use crate::platform::{Role, StdWaker, WorkerToken, run_scoped};
-use crate::util::{Stall, cpu_seconds, read_retry, readv_raw, timed_out, unix_now};
+use crate::util::{Stall, cpu_seconds, read_retry, timed_out, unix_now};
 
 pub use crate::util::physical_ram;
 
@@ -72,6 +71,11 @@ pub struct Limits {
     /// Most bytes of RAM the source's block list may declare, in total (the session refuses a list
     /// past it before anything is mapped).
     pub max_ram: u64,
+    /// Compression methods accepted (each packet says its own; the others are refused).
+    pub compression: Accept,
+    /// Largest zstd window accepted, in bytes: what one channel's decoder may keep of the sender's
+    /// history ([`crate::codec::ZSTD_WINDOW_RANGE`]; the sender's level chooses the window).
+    pub zstd_window: u64,
 }
 
 impl Default for Limits {
@@ -80,6 +84,8 @@ impl Default for Limits {
             accept_timeout: Some(DEFAULT_ACCEPT_TIMEOUT),
             io_timeout: Some(DEFAULT_IO_TIMEOUT),
             max_ram: physical_ram(),
+            compression: Accept::ALL,
+            zstd_window: crate::codec::ZSTD_WINDOW_DEFAULT,
         }
     }
 }
@@ -89,6 +95,7 @@ mod control;
 mod error;
 mod files;
 mod report;
+mod worker;
 
 pub use accept::MAX_PENDING;
 pub use control::Control;
@@ -153,7 +160,10 @@ fn receive(opts: &Options, limits: &Limits, control: &Control, report: &mut Repo
     let Ok(geometry) = Geometry::new(opts.page_size) else {
         return Err(page_option);
     };
-    let packet = PacketConfig::new(geometry);
+    if !crate::codec::ZSTD_WINDOW_RANGE.contains(&limits.zstd_window) {
+        return Err(Failure::Option { option: "--zstd-max-window", value: limits.zstd_window });
+    }
+    let packet = PacketConfig { compression: limits.compression, ..PacketConfig::new(geometry) };
     let cfg = SessionConfig { uuid: opts.uuid, max_ram: limits.max_ram, ..SessionConfig::new(n, packet) };
     let mut session = Session::new(cfg).map_err(|_| Failure::Option { option: "--channels", value: n.into() })?;
     // Every output is checked before anything listens: a source must not migrate into a receiver
@@ -170,7 +180,7 @@ fn receive(opts: &Options, limits: &Limits, control: &Control, report: &mut Repo
             .spawn_scoped(scope, || hub.accept(&listener, &session, limits, control))
             .map_err(|error| Failure::Io { place: Place::Listener, doing: "starting the acceptor thread", error })?;
         let stall = Stall { total: &total, limit: limits.io_timeout };
-        let env = Env { opts, control, hub: &hub, session: &session, stall };
+        let env = Env { opts, limits, control, hub: &hub, session: &session, stall };
         let result = env.receive(geometry, &mut pre, report);
         hub.stop();
         let _ = acceptor.join();
@@ -192,6 +202,7 @@ fn receive(opts: &Options, limits: &Limits, control: &Control, report: &mut Repo
 /// What the receive thread works with.
 struct Env<'e> {
     opts: &'e Options,
+    limits: &'e Limits,
     control: &'e Control,
     hub: &'e Hub,
     session: &'e Session,
@@ -242,6 +253,7 @@ impl Env<'_> {
             conns: &conns,
             stall: self.stall,
             opts,
+            limits: self.limits,
             hub: self.hub,
             control: self.control,
         };
@@ -455,6 +467,7 @@ struct Run<'r, 't> {
     conns: &'r Conns,
     stall: Stall<'r>,
     opts: &'r Options,
+    limits: &'r Limits,
     hub: &'r Hub,
     control: &'r Control,
 }
@@ -532,112 +545,10 @@ impl Run<'_, '_> {
         Ok(())
     }
 
-    /// One channel's worker thread.
-    fn worker(&self, c: ChannelId, waker: &StdWaker<'_>) {
-        let s = self.session;
-        let mut ch = match s.channel(c) {
-            Ok(ch) => ch,
-            Err(e) => {
-                s.lifecycle().record_error(waker, Failure::Recv(e));
-                return;
-            }
-        };
-        match self.read_channel(&mut ch, waker) {
-            Ok(closed) => s.channel_done(waker, &ch, closed),
-            Err(e) => {
-                s.lifecycle().record_error(waker, e);
-                s.channel_done(waker, &ch, false);
-            }
-        }
-    }
-
-    /// Reads channel `ch` until its connection closes (`Ok(true)`) or the migration terminates
-    /// (`Ok(false)`): headers into the channel's buffer, page data straight into guest memory.
-    fn read_channel(&self, ch: &mut RecvChannel, waker: &StdWaker<'_>) -> Result<bool, Failure> {
-        let (id, stream) = (ch.id(), &self.conns.chans[ch.id().index()]);
-        let io_err = |error| io_failure(Place::Channel(id), "reading", error, self.stall.limit);
-        // Made once per channel: zeroing these arrays for every read cost more than the reads' own
-        // bookkeeping (callgrind, BENCHMARKS.md "Before and after the receive session").
-        let mut page_io = PageIo {
-            ranges: [PageRange::EMPTY; MAX_IOV],
-            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV],
-        };
-        let mut scratch = [0u8; 16 * 1024];
-        // Whether the current packet's data pages were populated before the first read into them.
-        let mut prefaulted = false;
-        loop {
-            let n = match ch.want() {
-                Want::Header(buf) => {
-                    prefaulted = false;
-                    read_retry(stream, buf, self.stall).map_err(io_err)?
-                }
-                Want::Page { .. } => {
-                    let n = self.read_pages(ch, stream, &mut prefaulted, &mut page_io, &mut scratch).map_err(io_err)?;
-                    if n > 0 {
-                        self.stall.moved(n);
-                        ch.advance_many(n, self.table)?;
-                        continue;
-                    }
-                    0
-                }
-                Want::Discard(len) => {
-                    read_retry(stream, &mut scratch[..len.min(16 * 1024)], self.stall).map_err(io_err)?
-                }
-                Want::Sync => {
-                    self.session.wait_sync(waker, ch)?;
-                    continue;
-                }
-            };
-            if n == 0 {
-                return Ok(!self.session.lifecycle().is_quitting());
-            }
-            self.stall.moved(n);
-            ch.advance(n, self.table)?;
-        }
-    }
-
-    /// The rest of the packet's pages in one vectored read, straight into guest memory (populated
-    /// first, one call per run of adjacent pages); through a copy for memory without raw addresses.
-    fn read_pages(
-        &self,
-        ch: &RecvChannel,
-        stream: &TcpStream,
-        prefaulted: &mut bool,
-        page_io: &mut PageIo,
-        scratch: &mut [u8],
-    ) -> io::Result<usize> {
-        let PageIo { ranges, iov } = page_io;
-        let count = ch.pending_pages(self.table, ranges);
-        let ranges = &ranges[..count];
-        if !*prefaulted {
-            *prefaulted = true;
-            prefault_runs(self.table, ranges);
-        }
-        let mut used = 0;
-        for r in ranges {
-            let Some(b) = self.table.get(r.block) else { break };
-            // SAFETY: each range is a page of its block the core validated against the used length;
-            // the pointer is only handed to `readv(2)`.
-            let Some(ptr) = (unsafe { b.memory().raw_range(r.offset, r.len) }) else { break };
-            iov[used] = libc::iovec { iov_base: ptr.as_ptr().cast(), iov_len: r.len };
-            used += 1;
-        }
-        if used > 0 {
-            return readv_raw(stream.as_raw_fd(), &iov[..used], self.stall);
-        }
-        // Memory without a raw address: read into the scratch buffer, then copy.
-        let Some(r) = ranges.first() else { return Ok(0) };
-        let k = r.len.min(scratch.len());
-        let got = read_retry(stream, &mut scratch[..k], self.stall)?;
-        if let Some(b) = self.table.get(r.block) {
-            b.memory().write(r.offset, &scratch[..got]);
-        }
-        Ok(got)
-    }
-
     /// Fills the report's counters from the session (after the workers were joined).
     fn report(&self, main: &Main, report: &mut Report) {
         let s = self.session;
+        let page = u64::from(self.opts.page_size);
         let t = s.totals(main);
         for (b, (_, block)) in report.blocks.iter_mut().zip(self.table.iter()) {
             b.received_pages = block.bitmap().count() as u64;
@@ -648,72 +559,29 @@ impl Run<'_, '_> {
             .map(|id| {
                 let c = s.channel_stats(id);
                 let (packets, normal_pages, zero_pages, bytes) = (c.packets, c.normal_pages, c.zero_pages, c.bytes);
-                ChannelReport { id: id.0, packets, normal_pages, zero_pages, bytes }
+                let compression = c.method.map_or("none", |m| m.name());
+                let (compressed_bytes, raw_bytes) = (c.compressed_bytes, c.compressed_pages * page);
+                ChannelReport {
+                    id: id.0,
+                    packets,
+                    normal_pages,
+                    zero_pages,
+                    bytes,
+                    compression,
+                    compressed_bytes,
+                    raw_bytes,
+                }
             })
             .collect();
+        let mut methods = report.channels.iter().map(|c| c.compression).filter(|&m| m != "none");
+        report.compression = match methods.next() {
+            None => "none",
+            Some(m) if methods.all(|o| o == m) => m,
+            Some(_) => "mixed",
+        };
+        report.compressed_bytes = report.channels.iter().map(|c| c.compressed_bytes).sum();
+        report.raw_bytes = report.channels.iter().map(|c| c.raw_bytes).sum();
         (report.packets, report.normal_pages, report.zero_pages) = (t.packets, t.normal_pages, t.zero_pages);
         report.sync_epochs = t.epochs;
-    }
-
-    /// Progress on stderr until `done`: a bar with rate and time left on a terminal (`indicatif`),
-    /// a line every 5 s otherwise.
-    fn progress(&self, done: &AtomicBool) {
-        let page = u64::from(self.opts.page_size);
-        let all: u64 = self.table.iter().map(|(_, b)| b.pages() as u64).sum::<u64>() * page;
-        let got = || self.table.iter().map(|(_, b)| b.bitmap().count() as u64).sum::<u64>() * page;
-        let tty = io::stderr().is_terminal();
-        let bar = indicatif::ProgressBar::new(all);
-        if tty {
-            let style = indicatif::ProgressStyle::with_template(
-                "{bar:30} {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-            );
-            bar.set_style(style.unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-        }
-        let (start, mut next) = (Instant::now(), Instant::now());
-        // Relaxed: a stop flag; nothing is published through it.
-        while !done.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
-            let (now, epochs) = (got(), self.session.epochs());
-            if tty {
-                bar.set_position(now);
-                bar.set_message(format!("{epochs} sync epoch{}", accept::plural(epochs.into())));
-            } else if Instant::now() >= next {
-                next += Duration::from_secs(5);
-                let pct = if all == 0 { 0.0 } else { 100.0 * now as f64 / all as f64 };
-                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-                let t = start.elapsed().as_secs_f64();
-                log::info!("{:.1} of {:.1} MiB ({pct:.1}%), {epochs} sync epochs, {t:.1} s", mib(now), mib(all));
-            }
-        }
-        bar.finish_and_clear();
-    }
-}
-
-/// A channel worker's buffers for one vectored read: the packet's pending page ranges and the
-/// `iovec`s pointing at them; reused from read to read (only the first `count` entries are used).
-struct PageIo {
-    ranges: [PageRange; MAX_IOV],
-    iov: [libc::iovec; MAX_IOV],
-}
-
-/// Most pages one vectored read fills (a packet of 1 KiB pages has 512).
-const MAX_IOV: usize = 512;
-
-/// Populates fresh destination memory for `ranges` (one packet's data pages), one call per run of
-/// adjacent pages: see [`AnonMemory::prefault`].
-fn prefault_runs(table: &Table<'_>, ranges: &[PageRange]) {
-    let mut run: Option<PageRange> = None;
-    for r in ranges.iter().copied().chain(core::iter::once(PageRange::EMPTY)) {
-        match &mut run {
-            Some(cur) if cur.block == r.block && cur.offset + cur.len == r.offset && r.len > 0 => cur.len += r.len,
-            _ => {
-                if let Some(cur) = run.take()
-                    && let Some(b) = table.get(cur.block)
-                {
-                    b.memory().prefault(cur.offset, cur.len);
-                }
-                run = (r.len > 0).then_some(r);
-            }
-        }
     }
 }

@@ -21,7 +21,7 @@ use multifd_core::send::{
     MainSink, Notify, Precopy, PrecopyError, Quiescent, RoundStats, SendEngine, SendError, SourceBlocks, Step, Summary,
     precopy,
 };
-use multifd_core::wire::{Geometry, Layout, MAIN_MAGIC, MAIN_VERSION};
+use multifd_core::wire::{Compression, Geometry, Layout, MAIN_MAGIC, MAIN_VERSION};
 use serde::Serialize;
 
 use crate::platform::{Role, StartError, StdWaker, WakeHook, WorkerToken, run_scoped};
@@ -480,11 +480,22 @@ pub struct SendLimits {
     pub io_timeout: Option<Duration>,
     /// Most bytes per second written on all channels together (headers and pages). `None`: no limit.
     pub max_bandwidth: Option<u64>,
+    /// Compression of the channels' pages (QEMU's `multifd-compression`; the destination must be
+    /// set the same way).
+    pub compression: Compression,
+    /// Its level: zlib 0-9, zstd 0-20 ([`crate::codec::ZLIB_LEVELS`], [`crate::codec::ZSTD_LEVELS`]).
+    pub compression_level: u32,
 }
 
 impl Default for SendLimits {
     fn default() -> Self {
-        Self { connect_timeout: DEFAULT_CONNECT_TIMEOUT, io_timeout: Some(DEFAULT_IO_TIMEOUT), max_bandwidth: None }
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            io_timeout: Some(DEFAULT_IO_TIMEOUT),
+            max_bandwidth: None,
+            compression: Compression::None,
+            compression_level: crate::codec::DEFAULT_LEVEL,
+        }
     }
 }
 
@@ -534,6 +545,63 @@ pub struct SendReport {
     pub joined: u8,
     /// The uuid sent in every init packet.
     pub uuid: [u8; 16],
+    /// The compression method of the channels.
+    pub compression: Compression,
+    /// Its level (`None` uncompressed).
+    pub compression_level: Option<u32>,
+    /// Per channel: compressed payload bytes written, and the page bytes they hold.
+    pub compressed: Vec<ChannelCompression>,
+}
+
+impl SendReport {
+    fn new(
+        opts: &SendOptions,
+        limits: &SendLimits,
+        summary: Summary,
+        rounds: Vec<RoundStats>,
+        (elapsed, joined): (Duration, u8),
+        counts: &[CodecCount],
+    ) -> Self {
+        let (compression, compressed) = (limits.compression, CodecCount::report(counts));
+        let compression_level = Some(limits.compression_level).filter(|_| compression != Compression::None);
+        let (channels, uuid) = (opts.channels, opts.uuid);
+        SendReport { summary, rounds, elapsed, channels, joined, uuid, compression, compression_level, compressed }
+    }
+
+    /// Bytes written on the channels: the engine's count (headers and whole pages) with each
+    /// compressed packet's pages replaced by its payload.
+    pub fn wire_bytes(&self) -> u64 {
+        let (c, raw) = self.compressed.iter().fold((0u64, 0u64), |(c, w), x| (c + x.compressed_bytes, w + x.raw_bytes));
+        self.summary.total.bytes.saturating_sub(raw).saturating_add(c)
+    }
+}
+
+/// What one channel's compression did, in a [`SendReport`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ChannelCompression {
+    /// The channel.
+    pub id: u8,
+    /// Compressed payload bytes written.
+    pub compressed_bytes: u64,
+    /// The page bytes they hold.
+    pub raw_bytes: u64,
+}
+
+/// Counters of one channel's compression, while it runs (Relaxed: read after the workers joined).
+#[derive(Debug, Default)]
+struct CodecCount {
+    compressed: AtomicU64,
+    raw: AtomicU64,
+}
+
+impl CodecCount {
+    /// The report's per-channel figures, once every worker was joined.
+    fn report(counts: &[CodecCount]) -> Vec<ChannelCompression> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed); // Relaxed: the workers were joined.
+        let each = counts.iter().zip(0u8..);
+        each.map(|(c, id)| ChannelCompression { id, compressed_bytes: load(&c.compressed), raw_bytes: load(&c.raw) })
+            .collect()
+    }
 }
 
 /// One round of every page, then completion: a static image.
@@ -734,6 +802,8 @@ struct Worker<'w, 'b> {
     streams: &'w Mutex<Vec<Option<TcpStream>>>,
     pace: Option<&'w Pace>,
     stall: Stall<'w>,
+    level: u32,
+    counts: &'w [CodecCount],
 }
 
 impl Worker<'_, '_> {
@@ -743,21 +813,45 @@ impl Worker<'_, '_> {
         lock(&self.notify.workers)[id.index()] = Some(thread::current());
         let Some(stream) = lock(self.streams)[id.index()].take() else { return Ok(()) };
         let mut ch = self.engine.channel(id).map_err(SendFailure::Engine)?;
+        // The channel's compression stream and its output buffer, made once: no allocation per packet.
+        let method = self.engine.compression();
+        let mut codec = crate::codec::encoder(method, self.level)
+            .map_err(|error| SendFailure::Engine(SendError::Codec { channel: id, packet_num: 0, error }))?;
+        let geometry = self.engine.geometry();
+        let raw = geometry.page_count() as usize * geometry.page_size() as usize;
+        let mut payload =
+            if codec.is_some() { vec![0u8; multifd_core::codec::max_compressed_len(raw)] } else { Vec::new() };
         ch.ready(self.notify);
         loop {
-            let out = match ch.next(waker) {
+            let mut out = match ch.next(waker) {
                 Ok(out) => out,
                 Err(SendError::Cancelled) => return Ok(()),
                 Err(e) => return Err(SendFailure::Engine(e)),
+            };
+            let compressed = match codec.as_deref_mut() {
+                Some(c) => {
+                    let bytes = out.compress(c, &mut payload).map_err(SendFailure::Engine)?;
+                    let count = &self.counts[id.index()];
+                    // Relaxed: statistics, read after the workers were joined.
+                    count.compressed.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    count.raw.fetch_add((out.pages().len() * geometry.page_size() as usize) as u64, Ordering::Relaxed);
+                    Some(bytes)
+                }
+                None => None,
             };
             // On the stack: no heap allocation per packet (tests/tests/no_alloc_steady.rs).
             let mut slices = [IoSlice::new(&[]); 1 + multifd_core::wire::MAX_PAGE_COUNT];
             slices[0] = IoSlice::new(out.header());
             let mut used = 1;
-            debug_assert!(out.pages().len() < slices.len(), "a packet holds at most MAX_PAGE_COUNT pages");
-            for (slot, page) in slices[1..].iter_mut().zip(out.pages()) {
-                *slot = IoSlice::new(page);
-                used += 1;
+            if let Some(bytes) = compressed {
+                slices[1] = IoSlice::new(bytes);
+                used += usize::from(!bytes.is_empty());
+            } else {
+                debug_assert!(out.pages().len() < slices.len(), "a packet holds at most MAX_PAGE_COUNT pages");
+                for (slot, page) in slices[1..].iter_mut().zip(out.pages()) {
+                    *slot = IoSlice::new(page);
+                    used += 1;
+                }
             }
             let packet_num = out.packet_num;
             if let Some(pace) = self.pace {
@@ -779,6 +873,22 @@ impl Worker<'_, '_> {
             ch.done(self.notify);
         }
     }
+}
+
+/// Refuses a compression level outside the method's range before anything connects.
+fn check_level(limits: &SendLimits) -> Result<(), SendFailure> {
+    let range = match limits.compression {
+        Compression::Zlib => crate::codec::ZLIB_LEVELS,
+        Compression::Zstd => crate::codec::ZSTD_LEVELS,
+        _ => return Ok(()),
+    };
+    if range.contains(&limits.compression_level) {
+        return Ok(());
+    }
+    let error = multifd_core::codec::CodecError::Library {
+        what: if limits.compression == Compression::Zlib { "zlib levels are 0-9" } else { "zstd levels are 0-20" },
+    };
+    Err(SendFailure::Engine(SendError::Codec { channel: ChannelId(0), packet_num: 0, error }))
 }
 
 /// Connects channel `id` and writes its init packet: the steps before its worker starts.
@@ -858,7 +968,7 @@ pub fn migrate_observed<P: Precopy + ?Sized>(
     cancel: &AtomicBool,
     written: &AtomicU64,
 ) -> Result<SendReport, SendFailure> {
-    let engine = new_engine(opts, blocks)?;
+    let engine = new_engine(opts, blocks, limits)?;
     // Relaxed: see the watcher below. A cancel that came before is not left waiting on connects.
     if cancel.load(Ordering::Relaxed) {
         return Err(SendFailure::Interrupted);
@@ -873,7 +983,9 @@ pub fn migrate_observed<P: Precopy + ?Sized>(
     let engine_ref: &Engine<'_> = &engine;
 
     let stall = Stall { total: written, limit: limits.io_timeout };
-    let ctx = Worker { engine: engine_ref, notify: &notify, streams: &streams, pace: pace.as_ref(), stall };
+    let counts: Vec<CodecCount> = (0..opts.channels).map(|_| CodecCount::default()).collect();
+    let (level, pace) = (limits.compression_level, pace.as_ref());
+    let ctx = Worker { engine: engine_ref, notify: &notify, streams: &streams, pace, stall, level, counts: &counts };
     let worker = |id: ChannelId, waker: &StdWaker<'_>| {
         if let Err(failure) = ctx.run(id, waker) {
             engine_ref.lifecycle().record_error(waker, failure);
@@ -890,17 +1002,7 @@ pub fn migrate_observed<P: Precopy + ?Sized>(
     let (result, joined) = run_scoped(Role::Send, worker, Some(hook), |platform| {
         let done = AtomicBool::new(false);
         thread::scope(|s| {
-            // Watches the cancel flag: the migration is failed with `Interrupted`, which terminates it.
-            s.spawn(|| {
-                // Relaxed: plain flags; the coordinator's own atomics order what follows.
-                while !done.load(Ordering::Relaxed) {
-                    if cancel.load(Ordering::Relaxed) {
-                        engine_ref.lifecycle().record_error(platform, SendFailure::Interrupted);
-                        return;
-                    }
-                    thread::sleep(Duration::from_millis(10));
-                }
-            });
+            s.spawn(|| watch_cancel(&done, cancel, engine_ref, platform));
             let created =
                 engine_ref.lifecycle().create_all(platform, |id| open_channel(opts, limits, id, &streams, &shutdowns));
             let result = match created {
@@ -924,9 +1026,27 @@ pub fn migrate_observed<P: Precopy + ?Sized>(
         Ok(summary) if engine.lifecycle().error().is_none() => {
             let mut rounds = recording.rounds;
             rounds.push(summary.last);
-            Ok(SendReport { summary, rounds, elapsed, channels: opts.channels, joined, uuid: opts.uuid })
+            Ok(SendReport::new(opts, limits, summary, rounds, (elapsed, joined), &counts))
         }
         _ => Err(take_error(&mut engine)),
+    }
+}
+
+/// Watches the cancel flag until `done`: the migration is failed with `Interrupted`, which
+/// terminates it.
+fn watch_cancel(
+    done: &AtomicBool,
+    cancel: &AtomicBool,
+    engine: &Engine<'_>,
+    waker: &impl multifd_core::lifecycle::Wake,
+) {
+    // Relaxed: plain flags; the coordinator's own atomics order what follows.
+    while !done.load(Ordering::Relaxed) {
+        if cancel.load(Ordering::Relaxed) {
+            engine.lifecycle().record_error(waker, SendFailure::Interrupted);
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -935,7 +1055,19 @@ pub fn migrate_observed<P: Precopy + ?Sized>(
 /// offsets), and building it by value goes through stack temporaries: an unoptimised build needs
 /// several times its size on the stack, more than the 2 MiB a spawned thread has by default. So it
 /// is built on a short-lived thread whose stack is sized for it.
-fn new_engine<'b>(opts: &SendOptions, blocks: &'b ImageSet) -> Result<Box<Engine<'b>>, SendFailure> {
+fn new_engine<'b>(
+    opts: &SendOptions,
+    blocks: &'b ImageSet,
+    limits: &SendLimits,
+) -> Result<Box<Engine<'b>>, SendFailure> {
+    check_level(limits)?;
+    let mut engine = build_engine(opts, blocks)?;
+    engine.set_compression(limits.compression);
+    Ok(engine)
+}
+
+/// [`new_engine`]'s build, on its own thread.
+fn build_engine<'b>(opts: &SendOptions, blocks: &'b ImageSet) -> Result<Box<Engine<'b>>, SendFailure> {
     let geometry = Geometry::new(opts.page_size).map_err(|_| {
         SendFailure::Engine(SendError::BlockLength { block: 0, used_len: 0, page_size: opts.page_size })
     })?;
@@ -1086,6 +1218,18 @@ pub struct SendJson {
     pub workers_joined: u8,
     /// Each round.
     pub per_round: Vec<RoundJson>,
+    /// The compression method (`none`, `zlib`, `zstd`).
+    pub compression: &'static str,
+    /// Its level, when compressed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_level: Option<u32>,
+    /// Compressed payload bytes, all channels (0 uncompressed).
+    pub compressed_bytes: u64,
+    /// The page bytes those payloads hold.
+    pub raw_bytes: u64,
+    /// Per channel, when compressed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_channel: Vec<ChannelCompression>,
 }
 
 /// One round in [`SendJson`].
@@ -1137,12 +1281,17 @@ impl SendJson {
             pages: t.pages,
             normal_pages: t.normal_pages,
             zero_pages: t.zero_pages,
-            wire_bytes: t.bytes,
+            wire_bytes: r.wire_bytes(),
             seconds: secs,
             guest_mib_per_s: mib(t.pages * u64::from(page_size)) / secs.max(1e-9),
             syncs_per_channel: r.summary.syncs_per_channel,
             workers_joined: r.joined,
             per_round,
+            compression: r.compression.name(),
+            compression_level: r.compression_level,
+            compressed_bytes: r.compressed.iter().map(|c| c.compressed_bytes).sum(),
+            raw_bytes: r.compressed.iter().map(|c| c.raw_bytes).sum(),
+            per_channel: if r.compression == Compression::None { Vec::new() } else { r.compressed.clone() },
         }
     }
 
@@ -1163,6 +1312,11 @@ impl SendJson {
             syncs_per_channel: 0,
             workers_joined: 0,
             per_round: Vec::new(),
+            compression: "none",
+            compression_level: None,
+            compressed_bytes: 0,
+            raw_bytes: 0,
+            per_channel: Vec::new(),
         }
     }
 }
@@ -1178,10 +1332,29 @@ pub fn format_report(r: &SendReport, page_size: u32) -> String {
     out += &format!("{:<22} {}\n", "uuid", uuid::Uuid::from_bytes(r.uuid));
     out += &format!("{:<22} {}\n", "rounds", r.summary.rounds);
     out += &format!("{:<22} {} ({} normal, {} zero)\n", "pages sent", t.pages, t.normal_pages, t.zero_pages);
-    out += &format!("{:<22} {:.1} MiB\n", "bytes on channels", mib(t.bytes));
+    out += &format!("{:<22} {:.1} MiB\n", "bytes on channels", mib(r.wire_bytes()));
     out += &format!("{:<22} {:.3} s\n", "time", secs);
     out += &format!("{:<22} {:.1} MiB/s guest RAM\n", "throughput", mib(guest_bytes) / secs.max(1e-9));
     out += &format!("{:<22} {} per channel\n", "SYNC packets", r.summary.syncs_per_channel);
+    if let Some(level) = r.compression_level {
+        let (c, raw) = r.compressed.iter().fold((0, 0), |(c, w), x| (c + x.compressed_bytes, w + x.raw_bytes));
+        let pct = if raw == 0 { 0.0 } else { 100.0 * c as f64 / raw as f64 };
+        out += &format!(
+            "{:<22} {} level {level}: {:.1} MiB of pages in {:.1} MiB ({pct:.0}%)\n",
+            "compression",
+            r.compression.name(),
+            mib(raw),
+            mib(c)
+        );
+        for x in &r.compressed {
+            out += &format!(
+                "{:<22} {:.1} MiB in {:.1} MiB\n",
+                format!("  channel {}", x.id),
+                mib(x.raw_bytes),
+                mib(x.compressed_bytes)
+            );
+        }
+    }
     out += "round      pages     normal       zero    MiB    seconds  dirty left\n";
     for s in &r.rounds {
         out += &format!(

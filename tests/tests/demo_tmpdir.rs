@@ -22,7 +22,15 @@ fn demo_does_not_follow_a_planted_link_in_tmpdir() {
     unsafe { std::env::set_var("TMPDIR", &tmp) };
     assert_eq!(std::env::temp_dir(), tmp, "TMPDIR is in effect");
 
-    let opts = DemoOptions { size: 4 << 20, channels: 2, rounds: 2, zero_percent: 40, seed: 3, json: true };
+    let opts = DemoOptions {
+        size: 4 << 20,
+        channels: 2,
+        rounds: 2,
+        zero_percent: 40,
+        seed: 3,
+        json: true,
+        compression: Default::default(),
+    };
     let report = run(&opts);
     let listing = |d: &std::path::Path| -> Vec<String> {
         let mut v: Vec<String> =

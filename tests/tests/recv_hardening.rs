@@ -62,6 +62,7 @@ fn limits(accept: u64, io: u64) -> Limits {
         accept_timeout: Some(Duration::from_secs(accept)),
         io_timeout: Some(Duration::from_secs(io)),
         max_ram: 1 << 30,
+        ..Limits::default()
     }
 }
 
@@ -176,7 +177,12 @@ fn h1_huge_timeouts_are_refused_and_never_panic() {
         }
         // In-process: the largest durations there are, and a whole migration under them.
         let dir = temp_dir("h1-lib");
-        let huge = Limits { accept_timeout: Some(Duration::MAX), io_timeout: Some(Duration::MAX), max_ram: 1 << 30 };
+        let huge = Limits {
+            accept_timeout: Some(Duration::MAX),
+            io_timeout: Some(Duration::MAX),
+            max_ram: 1 << 30,
+            ..Limits::default()
+        };
         let (outcome, _) = recv_with(&options(&dir), &huge, migrate);
         assert_eq!(recv_error(&outcome), None);
         assert_block_file(&dir.join("out"));

@@ -101,7 +101,12 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 /// Short limits for the tests: 1 s accept and io timeouts.
 fn short_limits() -> Limits {
-    Limits { accept_timeout: Some(Duration::from_secs(1)), io_timeout: Some(Duration::from_secs(1)), max_ram: 1 << 30 }
+    Limits {
+        accept_timeout: Some(Duration::from_secs(1)),
+        io_timeout: Some(Duration::from_secs(1)),
+        max_ram: 1 << 30,
+        ..Limits::default()
+    }
 }
 
 /// Runs the receiver (2 channels) in this process with `limits` while `feed` plays the sender on
@@ -549,6 +554,7 @@ fn send_limits() -> SendLimits {
         connect_timeout: Duration::from_secs(1),
         io_timeout: Some(Duration::from_secs(1)),
         max_bandwidth: None,
+        ..SendLimits::default()
     }
 }
 

@@ -67,10 +67,12 @@ use core::fmt;
 
 use crate::bitmap::PageIndex;
 use crate::block::{BlockError, BlockId, BlockName, BlockTable, GuestMemory};
+use crate::codec::{CodecError, Decompress};
 use crate::lifecycle::{ChannelId, ForeignToken};
 use crate::wire::packet::COMMON_HEADER_LEN;
 use crate::wire::{
-    BlockInfo, CommonHeader, DecodeError, Field, Geometry, MAX_HEADER_LEN, Offsets, Packet, PacketConfig, StreamError,
+    BlockInfo, CommonHeader, Compression, DecodeError, Field, Geometry, MAX_HEADER_LEN, Offsets, Packet, PacketConfig,
+    StreamError,
 };
 
 /// Where a channel's stream ended when it was not at a packet boundary.
@@ -98,6 +100,13 @@ pub enum Cut {
     },
     /// Parked at a SYNC packet that was never released.
     Sync,
+    /// Before the compressed payload of a RAM packet was complete.
+    Compressed {
+        /// Payload bytes (`next_packet_size`).
+        len: u32,
+        /// Normal pages in the packet.
+        normal: u32,
+    },
 }
 
 /// Why receiving failed. Every variant names the channel (or the main stream) and the values.
@@ -245,6 +254,38 @@ pub enum RecvError {
         /// Main-stream offset of the page's data.
         position: u64,
     },
+    /// A compressed payload could not be decompressed into the packet's pages.
+    Codec {
+        /// The channel.
+        channel: ChannelId,
+        /// Index of the packet on this channel.
+        packet: u64,
+        /// The packet's method.
+        method: Compression,
+        /// What was wrong.
+        error: CodecError,
+    },
+    /// A channel's packets changed compression method (QEMU uses one per migration).
+    MethodChanged {
+        /// The channel.
+        channel: ChannelId,
+        /// Index of the packet on this channel.
+        packet: u64,
+        /// The method of the channel's earlier data packets.
+        was: Compression,
+        /// This packet's.
+        now: Compression,
+    },
+    /// A compressed packet reached an embedder that has no decompressor for its method
+    /// ([`RecvChannel::receive_bytes`] has none; accept only [`Accept::NONE`](crate::codec::Accept::NONE) there).
+    NoDecompressor {
+        /// The channel.
+        channel: ChannelId,
+        /// Index of the packet on this channel.
+        packet: u64,
+        /// The packet's method.
+        method: Compression,
+    },
 }
 
 /// Why a block list was refused (see [`RecvError::BlockList`]).
@@ -338,6 +379,9 @@ impl fmt::Display for Cut {
             Cut::Page { index, normal } => write!(f, "inside page {index} of {normal} of a RAM packet"),
             Cut::DeviceState { left } => write!(f, "inside a device-state payload ({left} bytes missing)"),
             Cut::Sync => write!(f, "parked at a SYNC packet no main-stream marker released"),
+            Cut::Compressed { len, normal } => {
+                write!(f, "inside the {len}-byte compressed payload of a packet of {normal} pages")
+            }
         }
     }
 }
@@ -392,6 +436,22 @@ impl fmt::Display for RecvError {
                 "main stream at byte {position}: the source opens a return path (command 1, QEMU's \
                  return-path capability), which this receiver does not answer: turn return-path off on the source"
             ),
+            Self::Codec { channel, packet, method, error } => {
+                write!(f, "{channel}: packet {packet}: {}: {error}", method.name())
+            }
+            Self::MethodChanged { channel, packet, was, now } => write!(
+                f,
+                "{channel}: packet {packet}: compression changed from {} to {} within the migration",
+                was.name(),
+                now.name()
+            ),
+            Self::NoDecompressor { channel, packet, method } => {
+                write!(
+                    f,
+                    "{channel}: packet {packet}: compressed with {}, which this receiver cannot decode",
+                    method.name()
+                )
+            }
             Self::NotMultifd { position } => write!(
                 f,
                 "main stream at byte {position}: a page with data on the main stream: the source is not \
@@ -424,6 +484,12 @@ pub struct ChannelStats {
     pub bytes: u64,
     /// SYNC packets received.
     pub syncs: u32,
+    /// Payload bytes of compressed packets (what their pages took on the wire).
+    pub compressed_bytes: u64,
+    /// Normal pages that arrived compressed.
+    pub compressed_pages: u64,
+    /// The compression method of the channel's data packets, once one arrived.
+    pub method: Option<Compression>,
 }
 
 /// A range of guest memory that page data goes to (see [`RecvChannel::pending_pages`]).
@@ -461,6 +527,15 @@ pub enum Want<'c> {
     },
     /// Read and drop `len` bytes (a device-state payload, which this engine does not interpret).
     Discard(usize),
+    /// The next `len` bytes are the whole compressed payload of a RAM packet: read all of them into
+    /// a buffer (at most [`RecvChannel::max_compressed`] bytes) and hand it to
+    /// [`RecvChannel::decompress`] with this channel's decompressor for `method`.
+    Compressed {
+        /// Payload bytes.
+        len: usize,
+        /// The packet's method.
+        method: Compression,
+    },
     /// The channel reached a SYNC packet (its pages are applied): wait for the epoch's release
     /// ([`RecvSession::poll_sync`] / [`RecvSession::wait_sync`] do both: they count the channel in and
     /// call [`RecvChannel::synced`] once the epoch is released).
@@ -486,6 +561,8 @@ enum Phase {
     },
     /// Dropping a device-state payload.
     Discard { left: u64 },
+    /// Waiting for the `len`-byte compressed payload of a packet of `normal` pages in `block`.
+    Compressed { block: BlockId, normal: u32, len: u32, geometry: Geometry, sync: bool, method: Compression },
     /// Parked at a SYNC packet.
     Sync,
 }
@@ -495,6 +572,8 @@ enum Phase {
 pub struct RecvChannel {
     id: ChannelId,
     cfg: PacketConfig,
+    /// The compression method of the channel's first packet with data pages.
+    method: Option<Compression>,
     header: [u8; MAX_HEADER_LEN],
     phase: Phase,
     stats: ChannelStats,
@@ -516,9 +595,19 @@ impl RecvChannel {
         Self {
             id,
             cfg,
+            method: None,
             header: [0; MAX_HEADER_LEN],
             phase: Phase::Header { have: 0, need: COMMON_HEADER_LEN },
-            stats: ChannelStats { packets: 0, normal_pages: 0, zero_pages: 0, bytes: 0, syncs: 0 },
+            stats: ChannelStats {
+                packets: 0,
+                normal_pages: 0,
+                zero_pages: 0,
+                bytes: 0,
+                syncs: 0,
+                compressed_bytes: 0,
+                compressed_pages: 0,
+                method: None,
+            },
         }
     }
 
@@ -541,8 +630,20 @@ impl RecvChannel {
             }
             // A device-state payload is at most 4 GiB; a `usize` below 64 bits takes it in parts.
             Phase::Discard { left } => Want::Discard(usize::try_from(left).unwrap_or(usize::MAX)),
+            Phase::Compressed { len, method, .. } => Want::Compressed { len: len as usize, method },
             Phase::Sync => Want::Sync,
         }
+    }
+
+    /// The compression method of the channel's data packets, once one arrived.
+    pub const fn method(&self) -> Option<Compression> {
+        self.method
+    }
+
+    /// The largest compressed payload a packet can have with this channel's geometry: the buffer
+    /// an embedder needs for [`Want::Compressed`].
+    pub fn max_compressed(&self) -> usize {
+        crate::codec::max_compressed_len(self.cfg.geometry.page_count() as usize * self.cfg.geometry.bytes())
     }
 
     fn wanted(&self) -> usize {
@@ -550,7 +651,7 @@ impl RecvChannel {
             Phase::Header { have, need } => need - have,
             Phase::Pages { at, geometry, .. } => geometry.bytes() - at,
             Phase::Discard { left } => usize::try_from(left).unwrap_or(usize::MAX),
-            Phase::Sync => 0,
+            Phase::Compressed { .. } | Phase::Sync => 0,
         }
     }
 
@@ -599,7 +700,7 @@ impl RecvChannel {
                 }
                 Ok(())
             }
-            Phase::Sync => Ok(()),
+            Phase::Compressed { .. } | Phase::Sync => Ok(()),
         }
     }
 
@@ -663,9 +764,82 @@ impl RecvChannel {
             self.finish_packet(sync);
             return Ok(());
         };
+        let method = ram.compression();
+        match self.method {
+            Some(was) if was != method => {
+                return Err(RecvError::MethodChanged { channel: id, packet: packet_no, was, now: method });
+            }
+            _ => {
+                self.method = Some(method);
+                self.stats.method = Some(method);
+            }
+        }
+        if method != Compression::None {
+            // Decode checked 1 <= next_packet_size <= max_compressed_len(pages).
+            let len = hdr.next_packet_size;
+            self.phase = Phase::Compressed { block: block_id, normal, len, geometry, sync, method };
+            return Ok(());
+        }
         let (page, offset) = checked_page(first, geometry);
         debug_assert_eq!(block.page_at(first), Ok(page), "validated by check_pages");
         self.phase = Phase::Pages { block: block_id, index: 0, normal, page, offset, at: 0, geometry, sync };
+        Ok(())
+    }
+
+    /// Decompresses the payload [`Want::Compressed`] asked for into the packet's pages: `input` is
+    /// the whole payload, `codec` the channel's stream for its method, `scratch` a buffer of at least
+    /// one page. Each page is decompressed into `scratch` and copied into guest memory through
+    /// [`GuestMemory::write`], then its bit is set. The pages must come out exactly full and the
+    /// payload must be used up; otherwise [`RecvError::Codec`].
+    pub fn decompress<M: GuestMemory + ?Sized, D: Decompress + ?Sized, const N: usize>(
+        &mut self,
+        input: &[u8],
+        codec: &mut D,
+        scratch: &mut [u8],
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<(), RecvError> {
+        let Phase::Compressed { block, normal, len, geometry, sync, method } = self.phase else {
+            return Err(RecvError::Overrun { channel: self.id, got: input.len(), wanted: 0 });
+        };
+        let (id, packet) = (self.id, self.stats.packets.saturating_sub(1));
+        if input.len() != len as usize {
+            return Err(RecvError::Overrun { channel: id, got: input.len(), wanted: len as usize });
+        }
+        let codec_err = |error| RecvError::Codec { channel: id, packet, method, error };
+        if codec.method() != method {
+            return Err(RecvError::NoDecompressor { channel: id, packet, method });
+        }
+        let ps = geometry.bytes();
+        let Some(page_buf) = scratch.get_mut(..ps) else {
+            return Err(codec_err(CodecError::Library { what: "scratch buffer smaller than a page" }));
+        };
+        // Local invariant: `block` came from this table in `on_header`; the table does not shrink.
+        let Some(b) = table.get(block) else { return Ok(()) };
+        let expected = u64::from(normal) * ps as u64;
+        let mut rest = input;
+        for i in 0..normal {
+            let Some(off) = self.offsets().and_then(|o| o.get(i as usize)) else {
+                let need = self.cfg.geometry.header_len();
+                let error = DecodeError::Truncated { field: Field::Offsets, need, have: need };
+                return Err(RecvError::Packet { channel: id, packet, error });
+            };
+            let produced = u64::from(i) * ps as u64;
+            codec.decompress(&mut rest, page_buf, produced, expected).map_err(codec_err)?;
+            // Validated against this block in `on_header`.
+            let (page, offset) = checked_page(off, geometry);
+            debug_assert_eq!(b.page_at(off), Ok(page), "validated by check_pages");
+            b.memory().write(offset, page_buf);
+            b.mark_received(page).map_err(|error| RecvError::Block { channel: id, packet, block: *b.name(), error })?;
+            self.stats.normal_pages += 1;
+            self.stats.compressed_pages += 1;
+        }
+        codec.end_packet(&mut rest, expected).map_err(codec_err)?;
+        if !rest.is_empty() {
+            return Err(codec_err(CodecError::Trailing { left: rest.len() as u64 }));
+        }
+        self.stats.bytes += u64::from(len);
+        self.stats.compressed_bytes += u64::from(len);
+        self.finish_packet(sync);
         Ok(())
     }
 
@@ -786,6 +960,7 @@ impl RecvChannel {
             Phase::Header { have, need } => Cut::Header { have: have as u32, need: need as u32 },
             Phase::Pages { index, normal, .. } => Cut::Page { index, normal },
             Phase::Discard { left } => Cut::DeviceState { left },
+            Phase::Compressed { len, normal, .. } => Cut::Compressed { len, normal },
             Phase::Sync => Cut::Sync,
         };
         Err(RecvError::Truncated { channel: self.id, packet: self.stats.packets.saturating_sub(1), cut })
@@ -816,6 +991,10 @@ impl RecvChannel {
                     n
                 }
                 Want::Discard(len) => len.min(rest.len()),
+                Want::Compressed { method, .. } => {
+                    let packet = self.stats.packets.saturating_sub(1);
+                    return Err(RecvError::NoDecompressor { channel: self.id, packet, method });
+                }
                 Want::Sync => break,
             };
             self.advance(n, table)?;

@@ -7,6 +7,7 @@
 use super::*;
 use crate::bitmap::{AtomicWord, words_for};
 use crate::block::{AtomicRegion, AtomicU8, BlockSpec, ZeroPage, ZeroPagePolicy};
+use crate::codec::Accept;
 use crate::lifecycle::{Coordinator, Wake};
 use crate::sync::{AtomicU32, Ordering};
 use crate::wire::stream::Event;
@@ -462,12 +463,38 @@ fn b28_o4_hostile_header_fields_are_typed_errors_and_write_nothing() {
     let mut w = base();
     w[64..320].fill(b'x');
     cases.push(("unterminated block name", w, DecodeError::NameUnterminated { field: crate::wire::Field::BlockName }));
-    for (method, value) in [("zlib", 0x2u32), ("zstd", 0x4), ("qpl", 0x8), ("uadk", 0x10), ("qatzip", 0x20)] {
+    // Methods no receiver here decodes are refused by every receiver; zlib and zstd by one told to
+    // accept only uncompressed packets (the loop below sets `Accept::NONE` for those cases).
+    for (method, value) in [("qpl", 0x8u32), ("uadk", 0x10), ("qatzip", 0x20)] {
         let mut w = base();
         set32(&mut w, 8, value);
-        let name: &'static str = method;
-        cases.push((name, w, DecodeError::CompressionMismatch { found: value, expected: 0 }));
+        cases.push((method, w, DecodeError::CompressionRefused { found: value, accepted: Accept::ALL }));
     }
+    for (method, value) in [("zlib, accepting none", 0x2u32), ("zstd, accepting none", 0x4)] {
+        let mut w = base();
+        set32(&mut w, 8, value);
+        cases.push((method, w, DecodeError::CompressionRefused { found: value, accepted: Accept::NONE }));
+    }
+    let mut w = base();
+    set32(&mut w, 8, 0x6);
+    cases.push(("two compression bits", w, DecodeError::UnknownCompression { value: 0x6 }));
+    let max = (4 * PS) as u64;
+    for (what, size) in
+        [("compressed next_packet_size 0", 0u32), ("compressed payload over twice the pages", 4 * PS as u32 + 1)]
+    {
+        let mut w = base();
+        set32(&mut w, 8, 0x2);
+        set32(&mut w, 20, size);
+        cases.push((
+            what,
+            w,
+            DecodeError::CompressedSize { next_packet_size: size, normal: 2, page_size: PS as u32, max },
+        ));
+    }
+    let mut w = packet(0, &[], &[4], 0x55);
+    set32(&mut w, 8, 0x4);
+    set32(&mut w, 20, 9);
+    cases.push(("compressed payload without data pages", w, DecodeError::PayloadWithoutPages { next_packet_size: 9 }));
     let mut w = base();
     set32(&mut w, 8, 0x80);
     cases.push(("unknown flag bit", w, DecodeError::UnknownFlags { flags: 0x80 }));
@@ -482,7 +509,8 @@ fn b28_o4_hostile_header_fields_are_typed_errors_and_write_nothing() {
         let f = Fixture::new(PAGES);
         let region = AtomicRegion::new(&f.mem);
         let t = table(&region, &f.words, ZeroPagePolicy::AlwaysPopulate, true);
-        let mut ch = RecvChannel::new(ChannelId(3), PacketConfig::new(geo()));
+        let accept = if what.ends_with("accepting none") { Accept::NONE } else { Accept::ALL };
+        let mut ch = RecvChannel::new(ChannelId(3), PacketConfig { compression: accept, ..PacketConfig::new(geo()) });
         // A good packet first, so the error names packet 1.
         let good = packet(0, &[0], &[], 0);
         assert_eq!(feed(&mut ch, &good, &t), Ok(good.len()));

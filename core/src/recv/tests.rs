@@ -247,3 +247,147 @@ fn error_sizes_are_pinned() {
     assert!(size_of::<DecodeError>() <= 264, "{}", size_of::<DecodeError>());
     assert!(size_of::<RecvError>() <= 304, "{}", size_of::<RecvError>());
 }
+
+/// A stand-in codec for the channel's compressed path: the "compressed" form of a page is its bytes
+/// XOR 0x5a, so the test controls exactly what decompresses to what.
+struct Xor(Compression);
+
+impl Decompress for Xor {
+    fn method(&self) -> Compression {
+        self.0
+    }
+    fn decompress(
+        &mut self,
+        input: &mut &[u8],
+        out: &mut [u8],
+        produced: u64,
+        expected: u64,
+    ) -> Result<(), CodecError> {
+        if input.len() < out.len() {
+            return Err(CodecError::Short { produced: produced + input.len() as u64, expected });
+        }
+        for (o, i) in out.iter_mut().zip(input.iter()) {
+            *o = i ^ 0x5a;
+        }
+        *input = &input[out.len()..];
+        Ok(())
+    }
+    fn end_packet(&mut self, _input: &mut &[u8], _expected: u64) -> Result<(), CodecError> {
+        Ok(())
+    }
+}
+
+/// A compressed packet of `pages` (page index, fill byte) with method value `method`; the payload
+/// is `extra` bytes longer than the pages (or shorter, if negative).
+fn compressed(method: u32, pages: &[(usize, u8)], extra: isize, sync: bool) -> (Vec<u8>, Vec<u8>) {
+    let offs: Vec<u64> = pages.iter().map(|&(p, _)| (p * PS) as u64).collect();
+    let mut payload: Vec<u8> = pages.iter().flat_map(|&(_, fill)| core::iter::repeat_n(fill ^ 0x5a, PS)).collect();
+    payload.resize((payload.len() as isize + extra) as usize, 0x5a);
+    let mut header = vec![0u8; geo().header_len()];
+    RamHeader {
+        flags: Flags(method | if sync { Flags::SYNC } else { 0 }),
+        pages_alloc: geo().page_count(),
+        normal_pages: pages.len() as u32,
+        next_packet_size: payload.len() as u32,
+        packet_num: 0,
+        zero_pages: 0,
+        block: b"m0",
+    }
+    .encode(&offs, geo(), Layout::V9_0, &mut header)
+    .unwrap();
+    (header, payload)
+}
+
+/// Feeds a header byte by byte, then hands the payload to `decompress` as `Want::Compressed` asks.
+fn feed_compressed(
+    ch: &mut RecvChannel,
+    (header, payload): &(Vec<u8>, Vec<u8>),
+    codec: &mut Xor,
+    t: &BlockTable<'_, AtomicRegion<'_>, 2>,
+) -> Result<(), RecvError> {
+    assert_eq!(ch.receive_bytes(header, t)?, header.len());
+    match ch.want() {
+        Want::Compressed { len, method } => {
+            assert_eq!((len, method), (payload.len(), codec.0), "the whole payload is asked for at once");
+            assert!(len <= ch.max_compressed());
+        }
+        other => panic!("wanted {other:?}"),
+    }
+    let mut scratch = vec![0u8; PS];
+    ch.decompress(payload, codec, &mut scratch, t)
+}
+
+#[test]
+fn a_compressed_packet_is_decompressed_page_by_page_into_its_offsets() {
+    let f = Fixture::new();
+    let region = AtomicRegion::new(&f.mem);
+    let t = table(&region, &f.words);
+    let mut ch = RecvChannel::new(ChannelId(2), PacketConfig::new(geo()));
+    let mut codec = Xor(Compression::Zlib);
+    feed_compressed(&mut ch, &compressed(0x2, &[(6, 0x11), (1, 0x22)], 0, false), &mut codec, &t).unwrap();
+    feed_compressed(&mut ch, &compressed(0x2, &[(3, 0x33)], 0, true), &mut codec, &t).unwrap();
+    assert!(ch.is_parked(), "a SYNC packet parks after its compressed pages");
+    assert_eq!(
+        (page_bytes(&t, 6), page_bytes(&t, 1), page_bytes(&t, 3)),
+        (vec![0x11; PS], vec![0x22; PS], vec![0x33; PS])
+    );
+    let bm = t.find(b"m0").unwrap().1.bitmap();
+    assert_eq!((0..PAGES).filter(|&p| bm.test(PageIndex::new(p)).unwrap()).collect::<Vec<_>>(), [1, 3, 6]);
+    let s = ch.stats();
+    assert_eq!(
+        (s.compressed_pages, s.compressed_bytes, s.normal_pages, s.method),
+        (3, 3 * PS as u64, 3, Some(Compression::Zlib))
+    );
+    ch.synced();
+    ch.finish().unwrap();
+}
+
+#[test]
+fn wrong_lengths_a_changed_method_and_no_codec_are_typed_errors() {
+    let f = Fixture::new();
+    let region = AtomicRegion::new(&f.mem);
+    let t = table(&region, &f.words);
+    let fresh = || RecvChannel::new(ChannelId(4), PacketConfig::new(geo()));
+    let mut zlib = Xor(Compression::Zlib);
+    // One byte short of the second page.
+    let e = feed_compressed(&mut fresh(), &compressed(0x2, &[(1, 1), (2, 2)], -1, false), &mut zlib, &t).unwrap_err();
+    let short = CodecError::Short { produced: (2 * PS - 1) as u64, expected: (2 * PS) as u64 };
+    assert_eq!(e, RecvError::Codec { channel: ChannelId(4), packet: 0, method: Compression::Zlib, error: short });
+    // Bytes left after the pages.
+    let e = feed_compressed(&mut fresh(), &compressed(0x2, &[(1, 1)], 5, false), &mut zlib, &t).unwrap_err();
+    let trailing = CodecError::Trailing { left: 5 };
+    assert_eq!(e, RecvError::Codec { channel: ChannelId(4), packet: 0, method: Compression::Zlib, error: trailing });
+    // zlib, then zstd on the same channel.
+    let mut ch = fresh();
+    feed_compressed(&mut ch, &compressed(0x2, &[(1, 1)], 0, false), &mut zlib, &t).unwrap();
+    let (header, _) = compressed(0x4, &[(2, 2)], 0, false);
+    let e = ch.receive_bytes(&header, &t).unwrap_err();
+    let changed =
+        RecvError::MethodChanged { channel: ChannelId(4), packet: 1, was: Compression::Zlib, now: Compression::Zstd };
+    assert_eq!(e, changed);
+    // A decoder for another method, and the copying convenience path, which has none.
+    let mut ch = fresh();
+    let (header, payload) = compressed(0x4, &[(2, 2)], 0, false);
+    ch.receive_bytes(&header, &t).unwrap();
+    let e = ch.decompress(&payload, &mut zlib, &mut vec![0u8; PS], &t).unwrap_err();
+    assert_eq!(e, RecvError::NoDecompressor { channel: ChannelId(4), packet: 0, method: Compression::Zstd });
+    let mut ch = fresh();
+    let mut wire = header.clone();
+    wire.extend(&payload);
+    let e = ch.receive_bytes(&wire, &t).unwrap_err();
+    assert_eq!(e, RecvError::NoDecompressor { channel: ChannelId(4), packet: 0, method: Compression::Zstd });
+    // A stream that ends before the payload: the cut names it.
+    assert_eq!(
+        ch.finish(),
+        Err(RecvError::Truncated {
+            channel: ChannelId(4),
+            packet: 0,
+            cut: Cut::Compressed { len: PS as u32, normal: 1 }
+        })
+    );
+    // A scratch buffer smaller than a page.
+    let mut ch = fresh();
+    ch.receive_bytes(&header, &t).unwrap();
+    let e = ch.decompress(&payload, &mut Xor(Compression::Zstd), &mut [0u8; 16], &t).unwrap_err();
+    assert!(matches!(e, RecvError::Codec { error: CodecError::Library { .. }, .. }), "{e:?}");
+}

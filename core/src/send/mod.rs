@@ -46,11 +46,14 @@ use core::marker::PhantomData;
 
 pub use zero::is_zero_page;
 
+use crate::codec::{CodecError, Compress, max_compressed_len};
 use crate::lifecycle::{Cancelled, ChannelId, ConfigError, Coordinator, Wake};
 use crate::sync::{AtomicBool, AtomicU8, AtomicU32, Ordering, UnsafeCell};
-use crate::wire::packet::{INIT_PACKET_LEN, NAME_FIELD_LEN};
+use crate::wire::packet::{INIT_PACKET_LEN, NAME_FIELD_LEN, ram};
 use crate::wire::stream::Record;
-use crate::wire::{EncodeError, Flags, Geometry, InitPacket, Layout, MAX_HEADER_LEN, MAX_PAGE_COUNT, RamHeader};
+use crate::wire::{
+    Compression, EncodeError, Flags, Geometry, InitPacket, Layout, MAX_HEADER_LEN, MAX_PAGE_COUNT, RamHeader,
+};
 
 const IDLE: u8 = 0;
 const DATA: u8 = 1;
@@ -149,6 +152,22 @@ pub enum SendError {
     },
     /// A header could not be encoded.
     Encode(EncodeError),
+    /// A packet's pages could not be compressed.
+    Codec {
+        /// The channel.
+        channel: ChannelId,
+        /// The packet's number.
+        packet_num: u64,
+        /// What went wrong.
+        error: CodecError,
+    },
+    /// [`Outgoing::compress`] was given a compressor for another method than the engine's.
+    WrongCompressor {
+        /// The engine's method.
+        engine: Compression,
+        /// The compressor's.
+        codec: Compression,
+    },
     /// The migration is terminating.
     Cancelled,
 }
@@ -177,6 +196,10 @@ impl fmt::Display for SendError {
                 write!(f, "block {block}: dirty bitmap has {words} words, {need} needed")
             }
             Self::Encode(e) => write!(f, "packet header: {e}"),
+            Self::Codec { channel, packet_num, error } => write!(f, "{channel}: packet {packet_num}: {error}"),
+            Self::WrongCompressor { engine, codec } => {
+                write!(f, "a {} compressor for a migration compressed with {}", codec.name(), engine.name())
+            }
             Self::Cancelled => f.write_str("the migration is terminating"),
         }
     }
@@ -224,6 +247,7 @@ pub struct SendEngine<'b, B: ?Sized, H, E, const MAX: usize> {
     normal_pages: AtomicU32,
     zero_pages: AtomicU32,
     packets: AtomicU32,
+    compression: Compression,
 }
 
 // SAFETY: the only non-`Sync` parts are the batch cells. A cell is written only by the producer while
@@ -274,7 +298,20 @@ impl<'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendEngine<'b, B, H, 
             normal_pages: AtomicU32::new(0),
             zero_pages: AtomicU32::new(0),
             packets: AtomicU32::new(0),
+            compression: Compression::None,
         })
+    }
+
+    /// Compresses the normal pages of every data packet with `method` (QEMU's `multifd-compression`;
+    /// the receiver must be set the same way). Each channel's worker then passes its packets through
+    /// [`Outgoing::compress`]. Set before the channels start.
+    pub fn set_compression(&mut self, method: Compression) {
+        self.compression = method;
+    }
+
+    /// The method set by [`SendEngine::set_compression`].
+    pub fn compression(&self) -> Compression {
+        self.compression
     }
 
     /// The channel lifecycle (create, terminate, record_error, cleanup).
@@ -519,13 +556,16 @@ impl<B: ?Sized, H, E, const MAX: usize> fmt::Debug for SendChannel<'_, '_, B, H,
     }
 }
 
-/// One packet to write, as one vectored write: [`Outgoing::header`], then [`Outgoing::pages`].
+/// One packet to write, as one vectored write: [`Outgoing::header`], then [`Outgoing::pages`]; or,
+/// when the migration is compressed, the header after [`Outgoing::compress`], then its payload.
 pub struct Outgoing<'c, 'b, B: ?Sized> {
-    header: &'c [u8],
+    header: &'c mut [u8],
     blocks: &'b B,
     block: usize,
     normal: &'c [u64],
     page_size: usize,
+    compression: Compression,
+    id: ChannelId,
     /// What the packet is.
     pub kind: JobKind,
     /// Its packet number.
@@ -540,8 +580,55 @@ impl<B: ?Sized> fmt::Debug for Outgoing<'_, '_, B> {
 
 impl<'c, 'b: 'c, B: SourceBlocks + ?Sized> Outgoing<'c, 'b, B> {
     /// The packet header bytes.
-    pub fn header(&self) -> &'c [u8] {
+    pub fn header(&self) -> &[u8] {
         self.header
+    }
+
+    /// The engine's compression method: with anything but [`Compression::None`], write the header
+    /// and the payload of [`Outgoing::compress`] instead of the pages.
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Compresses the packet's normal pages with `codec` into `out` (at least
+    /// [`max_compressed_len`] of the pages is always enough) and writes the payload's length into the
+    /// header's `next_packet_size`; returns the payload. A packet without normal pages has an empty
+    /// payload and the codec is not called: its stream stays as it was, as QEMU's does.
+    pub fn compress<'o, C: Compress + ?Sized>(
+        &mut self,
+        codec: &mut C,
+        out: &'o mut [u8],
+    ) -> Result<&'o [u8], SendError> {
+        if codec.method() != self.compression {
+            return Err(SendError::WrongCompressor { engine: self.compression, codec: codec.method() });
+        }
+        if self.normal.is_empty() {
+            return Ok(&out[..0]);
+        }
+        let raw = self.normal.len() * self.page_size;
+        let room = out.len().min(max_compressed_len(raw));
+        let (blocks, block, ps) = (self.blocks, self.block, self.page_size);
+        let mut pages = self.normal.iter().map(move |&off| blocks.page(block, off, ps));
+        let (channel, packet_num) = (self.id, self.packet_num);
+        let len = codec.compress(&mut pages, &mut out[..room]).map_err(|error| SendError::Codec {
+            channel,
+            packet_num,
+            error,
+        })?;
+        let out: &'o [u8] = out;
+        let Some(payload) = out.get(..len).filter(|_| len > 0 && len <= room) else {
+            let error = CodecError::OutputFull { capacity: room as u64 };
+            return Err(SendError::Codec { channel, packet_num, error });
+        };
+        // `len <= room <= max_compressed_len(raw)`, and `raw` is at most one packet (512 KiB), so it
+        // fits the u32 field.
+        let size = u32::try_from(len).map_err(|_| SendError::Codec {
+            channel,
+            packet_num,
+            error: CodecError::OutputFull { capacity: u64::from(u32::MAX) },
+        })?;
+        self.header[ram::NEXT_PACKET_SIZE..ram::NEXT_PACKET_SIZE + 4].copy_from_slice(&size.to_be_bytes());
+        Ok(payload)
     }
 
     /// The normal pages' data, in header order, borrowed from guest memory.
@@ -608,11 +695,15 @@ impl<'e, 'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendChannel<'e, '
                 // B22: the number is taken now, as the header is filled. Relaxed: uniqueness comes from
                 // the atomic read-modify-write; no other memory is published with it.
                 let packet_num = u64::from(engine.next_packet.fetch_add(1, Ordering::Relaxed));
+                // Compressed, every data packet carries the method (zero-page-only ones too, as QEMU's
+                // do) and `next_packet_size` is written by `Outgoing::compress`.
+                let method = engine.compression;
+                let next_packet_size = if method == Compression::None { normal * ps } else { 0 };
                 let header = RamHeader {
-                    flags: Flags::empty(),
+                    flags: Flags(method.flag_value()),
                     pages_alloc: geometry.page_count(),
                     normal_pages: normal as u32,
-                    next_packet_size: (normal * ps) as u32,
+                    next_packet_size: next_packet_size as u32,
                     packet_num,
                     zero_pages: zero as u32,
                     block: engine.blocks.name(batch.block),
@@ -651,11 +742,13 @@ impl<'e, 'b, B: SourceBlocks + ?Sized, H, E, const MAX: usize> SendChannel<'e, '
             JobKind::Sync => 0,
         };
         Ok(Outgoing {
-            header: &self.header[..job.header_len],
+            header: &mut self.header[..job.header_len],
             blocks: engine.blocks,
             block: job.block,
             normal: &self.order[..normal],
             page_size: engine.geometry.page_size() as usize,
+            compression: engine.compression,
+            id: self.id,
             kind: job.kind,
             packet_num: job.packet_num,
         })

@@ -3,6 +3,8 @@
 use core::fmt;
 
 use crate::block::BlockName;
+use crate::codec::Accept;
+use crate::wire::Compression;
 
 /// A header field, for [`DecodeError::Truncated`] and [`EncodeError`] messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,12 +93,34 @@ pub enum DecodeError {
         /// Value received.
         flags: u32,
     },
-    /// The compression value in `flags` is not the configured method.
-    CompressionMismatch {
+    /// The compression value in `flags` names a method the receiver does not accept.
+    CompressionRefused {
         /// Compression value received (`flags & 0x3e`).
         found: u32,
-        /// Compression value configured.
-        expected: u32,
+        /// What the receiver accepts.
+        accepted: Accept,
+    },
+    /// The compression value in `flags` is not one any QEMU version defines.
+    UnknownCompression {
+        /// The value (`flags & 0x3e`).
+        value: u32,
+    },
+    /// A compressed packet's `next_packet_size` is 0 for a packet with data pages, or larger than
+    /// [`max_compressed_len`](crate::codec::max_compressed_len) of its pages.
+    CompressedSize {
+        /// Value received.
+        next_packet_size: u32,
+        /// `normal_pages`.
+        normal: u32,
+        /// Page size.
+        page_size: u32,
+        /// The largest payload accepted for these pages.
+        max: u64,
+    },
+    /// A compressed packet with zero pages but no data pages has a payload.
+    PayloadWithoutPages {
+        /// Value received.
+        next_packet_size: u32,
     },
     /// `pages_alloc` is larger than the local `page_count`.
     PagesAllocTooLarge {
@@ -208,8 +232,19 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::DuplicateChannel { id } => write!(f, "channel id {id} is already set up"),
             DecodeError::UnknownFlags { flags } => write!(f, "flags {flags:#x} has unknown bits"),
-            DecodeError::CompressionMismatch { found, expected } => {
-                write!(f, "compression value in flags is {found:#x}, expected {expected:#x}")
+            DecodeError::CompressionRefused { found, accepted } => {
+                let name = Compression::from_flag_value(found).map_or("?", Compression::name);
+                write!(f, "compression {name} (flags value {found:#x}) is not accepted (accepted: {accepted})")
+            }
+            DecodeError::UnknownCompression { value } => {
+                write!(f, "compression value in flags is {value:#x}, which no QEMU version defines")
+            }
+            DecodeError::CompressedSize { next_packet_size, normal, page_size, max } => write!(
+                f,
+                "compressed next_packet_size {next_packet_size} for {normal} pages of {page_size} bytes is outside 1..={max}"
+            ),
+            DecodeError::PayloadWithoutPages { next_packet_size } => {
+                write!(f, "next_packet_size {next_packet_size} in a compressed packet with no data pages (must be 0)")
             }
             DecodeError::PagesAllocTooLarge { pages_alloc, page_count } => {
                 write!(f, "pages_alloc {pages_alloc} is larger than page_count {page_count}")

@@ -34,6 +34,7 @@
 
 use super::{DecodeError, EncodeError, Field, MULTIFD_MAGIC, MULTIFD_VERSION, PACKET_DATA_SIZE, be32, be64};
 use crate::block::BlockName;
+use crate::codec::{Accept, max_compressed_len};
 use core::fmt;
 
 /// Length of the init packet.
@@ -165,11 +166,12 @@ impl fmt::Display for Flags {
 }
 
 /// Compression methods, as their value in the flags word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
 pub enum Compression {
     /// No compression: the payload is the raw pages.
+    #[default]
     None,
     /// zlib.
     Zlib,
@@ -184,6 +186,32 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// The method a flags word's compression value (`flags & 0x3e`) names; `None` for a value no
+    /// QEMU version defines (two bits set, say).
+    pub const fn from_flag_value(value: u32) -> Option<Self> {
+        Some(match value {
+            0x00 => Compression::None,
+            0x02 => Compression::Zlib,
+            0x04 => Compression::Zstd,
+            0x08 => Compression::Qpl,
+            0x10 => Compression::Uadk,
+            0x20 => Compression::Qatzip,
+            _ => return None,
+        })
+    }
+
+    /// Its name, as QEMU's `multifd-compression` parameter spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+            Compression::Qpl => "qpl",
+            Compression::Uadk => "uadk",
+            Compression::Qatzip => "qatzip",
+        }
+    }
+
     /// The value this method puts in the flags word.
     pub const fn flag_value(self) -> u32 {
         match self {
@@ -300,8 +328,8 @@ pub struct PacketConfig {
     pub geometry: Geometry,
     /// Header layout expected from the sender.
     pub layout: Layout,
-    /// The configured compression method.
-    pub compression: Compression,
+    /// Compression methods accepted (read from each packet's flags; [`Accept::ALL`] by default).
+    pub compression: Accept,
     /// Device-state packets: skip or refuse.
     pub device_state: DeviceStatePolicy,
 }
@@ -309,13 +337,38 @@ pub struct PacketConfig {
 impl PacketConfig {
     /// Layout 9.0+, no compression, device state skipped.
     pub const fn new(geometry: Geometry) -> Self {
-        PacketConfig {
-            geometry,
-            layout: Layout::V9_0,
-            compression: Compression::None,
-            device_state: DeviceStatePolicy::Skip,
-        }
+        PacketConfig { geometry, layout: Layout::V9_0, compression: Accept::ALL, device_state: DeviceStatePolicy::Skip }
     }
+}
+
+/// The payload length rules of a RAM packet with pages: uncompressed, exactly the pages; compressed,
+/// nothing without data pages (QEMU's receivers assert on that) and otherwise 1 to
+/// [`max_compressed_len`] bytes.
+fn check_payload(
+    method: Compression,
+    next_packet_size: u32,
+    normal: u32,
+    raw: u64,
+    page_size: u32,
+) -> Result<(), DecodeError> {
+    let size = u64::from(next_packet_size);
+    if method == Compression::None {
+        if size != raw {
+            return Err(DecodeError::PayloadSizeMismatch { next_packet_size, normal, page_size });
+        }
+        return Ok(());
+    }
+    if normal == 0 {
+        if size != 0 {
+            return Err(DecodeError::PayloadWithoutPages { next_packet_size });
+        }
+        return Ok(());
+    }
+    let max = max_compressed_len(usize::try_from(raw).unwrap_or(usize::MAX)) as u64;
+    if size == 0 || size > max {
+        return Err(DecodeError::CompressedSize { next_packet_size, normal, page_size, max });
+    }
+    Ok(())
 }
 
 fn need(field: Field, buf: &[u8], len: usize) -> Result<(), DecodeError> {
@@ -597,13 +650,24 @@ impl<'a> RamPacket<'a> {
         self.header.normal_pages != 0 || self.header.zero_pages != 0
     }
     /// Payload bytes after the header. Uncompressed this is `normal_pages * page_size`, not
-    /// `next_packet_size` (which QEMU 7.2 leaves stale in page-less SYNC packets).
-    pub fn payload_len(&self, compression: Compression) -> u64 {
-        if compression == Compression::None {
-            u64::from(self.header.normal_pages) * u64::from(self.geometry.page_size())
+    /// `next_packet_size` (which QEMU 7.2 leaves stale in page-less SYNC packets); compressed it is
+    /// `next_packet_size` (0 without data pages).
+    pub fn payload_len(&self) -> u64 {
+        if self.compression() == Compression::None || self.header.normal_pages == 0 {
+            self.raw_len()
         } else {
             u64::from(self.header.next_packet_size)
         }
+    }
+
+    /// Bytes of the normal pages once decompressed: `normal_pages * page_size`.
+    pub fn raw_len(&self) -> u64 {
+        u64::from(self.header.normal_pages) * u64::from(self.geometry.page_size())
+    }
+
+    /// The packet's compression method (decode checked that the flags name one).
+    pub fn compression(&self) -> Compression {
+        Compression::from_flag_value(self.header.flags.compression()).unwrap_or(Compression::None)
     }
 
     /// Checks the block and every normal and zero offset: the block is known to `blocks`,
@@ -738,20 +802,20 @@ impl<'a> Packet<'a> {
             Some(room) if zero <= room => {}
             _ => return Err(DecodeError::ZeroExceedsAlloc { zero, normal, pages_alloc }),
         }
-        let expected = cfg.compression.flag_value();
-        if flags.compression() != expected {
-            return Err(DecodeError::CompressionMismatch { found: flags.compression(), expected });
+        let method = Compression::from_flag_value(flags.compression())
+            .ok_or(DecodeError::UnknownCompression { value: flags.compression() })?;
+        // Packets without data pages carry no method when they are SYNC-only, so the accepted set
+        // only constrains packets that carry one, or carry pages.
+        if (method != Compression::None || normal > 0) && !cfg.compression.contains(method) {
+            return Err(DecodeError::CompressionRefused { found: flags.compression(), accepted: cfg.compression });
         }
-        // Uncompressed, the payload is exactly the normal pages. QEMU 7.2 leaves a stale value
-        // in page-less packets (SYNC ones, and the empty packet that can follow a SYNC with
-        // pages), so those are exempt; the payload length never comes from this field when
-        // uncompressed.
+        // QEMU 7.2 leaves a stale `next_packet_size` in packets with no pages at all (SYNC ones, and
+        // the empty packet that can follow a SYNC with pages), so those are exempt; uncompressed,
+        // the payload length never comes from this field.
         let stale_ok = normal == 0 && zero == 0;
-        if cfg.compression == Compression::None && !stale_ok {
-            let want = u64::from(normal) * u64::from(geo.page_size());
-            if u64::from(next_packet_size) != want {
-                return Err(DecodeError::PayloadSizeMismatch { next_packet_size, normal, page_size: geo.page_size() });
-            }
+        let raw = u64::from(normal) * u64::from(geo.page_size());
+        if !stale_ok {
+            check_payload(method, next_packet_size, normal, raw, geo.page_size())?;
         }
         let block = name_field(Field::BlockName, &buf[ram::BLOCK..ram::BLOCK + NAME_FIELD_LEN])?;
         let header = RamHeader {
@@ -853,7 +917,12 @@ mod tests {
         );
         let mut bad = b;
         bad[11] = 0x04;
-        assert_eq!(Packet::decode(&bad, &cfg()), Err(DecodeError::CompressionMismatch { found: 4, expected: 0 }));
+        let none = PacketConfig { compression: Accept::NONE, ..cfg() };
+        assert_eq!(
+            Packet::decode(&bad, &none),
+            Err(DecodeError::CompressionRefused { found: 4, accepted: Accept::NONE })
+        );
+        assert!(Packet::decode(&bad, &cfg()).is_ok(), "zstd with 2 pages in 8192 bytes is a valid compressed packet");
         let mut bad = b;
         bad[11] = 0x80;
         assert_eq!(Packet::decode(&bad, &cfg()), Err(DecodeError::UnknownFlags { flags: 0x80 }));
@@ -890,7 +959,7 @@ mod tests {
         b[20..24].copy_from_slice(&(5 * 4096u32).to_be_bytes());
         b[320..328].copy_from_slice(&0xdead_0000u64.to_be_bytes());
         let Packet::Ram(p) = Packet::decode(&b, &cfg()).unwrap() else { panic!() };
-        assert_eq!(p.payload_len(Compression::None), 0);
+        assert_eq!(p.payload_len(), 0);
         // Pages inside a SYNC packet, unsorted and repeated offsets.
         let offs = [0x3000, 0x1000, 0x3000];
         RamHeader {

@@ -36,6 +36,12 @@ pub struct ChannelReport {
     pub zero_pages: u64,
     /// Bytes after the init packet.
     pub bytes: u64,
+    /// The compression method of its data packets (`none`, `zlib`, `zstd`; `none` before any).
+    pub compression: &'static str,
+    /// Payload bytes of its compressed packets.
+    pub compressed_bytes: u64,
+    /// What those payloads decompressed to (their pages' bytes).
+    pub raw_bytes: u64,
 }
 
 /// What a receive did (complete or, inside [`Failed`], up to the failure).
@@ -55,6 +61,13 @@ pub struct Report {
     pub packets: u64,
     /// Sync epochs released.
     pub sync_epochs: u32,
+    /// The compression method of the channels' data (`none`, `zlib`, `zstd`, or `mixed` if channels
+    /// differed).
+    pub compression: &'static str,
+    /// Compressed payload bytes, all channels.
+    pub compressed_bytes: u64,
+    /// What they decompressed to.
+    pub raw_bytes: u64,
     /// Per channel.
     pub channels: Vec<ChannelReport>,
     /// The bound address.
@@ -113,8 +126,19 @@ pub fn completed_line(r: &Report) -> String {
     let (size, pages) = r.blocks.iter().fold((0, 0), |(s, p), b| (s + b.size, p + b.pages));
     let n = r.blocks.len();
     let rate = if r.seconds > 0.0 { mib(r.bytes) / r.seconds } else { 0.0 };
+    let compressed = if r.raw_bytes > 0 {
+        format!(
+            ", {}: {:.1} MiB of pages in {:.1} MiB ({:.0}%)",
+            r.compression,
+            mib(r.raw_bytes),
+            mib(r.compressed_bytes),
+            100.0 * r.compressed_bytes as f64 / r.raw_bytes as f64
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{n} block{} ({:.1} MiB, {pages} page{}) in {:.2} s, {rate:.1} MiB/s on the wire, {} sync epoch{}",
+        "{n} block{} ({:.1} MiB, {pages} page{}) in {:.2} s, {rate:.1} MiB/s on the wire, {} sync epoch{}{compressed}",
         if n == 1 { "" } else { "s" },
         mib(size),
         if pages == 1 { "" } else { "s" },

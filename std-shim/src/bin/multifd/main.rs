@@ -4,7 +4,7 @@ mod parse;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use multifd_std::inspect::{self, Options};
-use multifd_std::multifd_core::wire::Layout;
+use multifd_std::multifd_core::wire::{Compression, Layout};
 use multifd_std::{recv, send};
 use parse::Timeout;
 use std::net::ToSocketAddrs;
@@ -79,6 +79,14 @@ enum Command {
         /// this machine's physical RAM).
         #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
         max_ram: Option<u64>,
+        /// Compression methods to accept, comma-separated from none, zlib, zstd (the source's
+        /// multifd-compression is read from its packets; others are refused).
+        #[arg(long, value_name = "LIST", default_value = "none,zlib,zstd", value_parser = parse::accept)]
+        compression: multifd_std::multifd_core::codec::Accept,
+        /// Largest zstd window to accept per channel (1K to 2G; rounded up to a power of two). The
+        /// source's level sets its window: 512K at level 1, 8M at 19, 32M at 20.
+        #[arg(long, value_name = "BYTES", default_value = "32M", value_parser = parse::zstd_window)]
+        zstd_max_window: u64,
     },
     /// Decode captured migration streams (one file per connection: main stream or multifd
     /// channel, told apart by their first bytes) and print their packets and records.
@@ -117,6 +125,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Compress the channels' pages (level 1).
+        #[arg(long, value_enum, default_value_t = CompressionArg::None)]
+        compression: CompressionArg,
     },
     /// Migrate RAM images to a QEMU-compatible destination (main stream plus N multifd channels).
     /// SIGINT or SIGTERM cancels it cleanly: connections closed, exit status 130 or 143.
@@ -151,6 +162,13 @@ enum Command {
         /// Most bytes per second on all channels together (K/M/G suffixes; default: no limit).
         #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
         max_bandwidth: Option<u64>,
+        /// Compress the pages as QEMU's multifd-compression does (the destination must be set the
+        /// same way).
+        #[arg(long, value_enum, default_value_t = CompressionArg::None)]
+        compression: CompressionArg,
+        /// Compression level: zlib 0-9, zstd 0-20 (QEMU's multifd-zlib-level / multifd-zstd-level).
+        #[arg(long, default_value_t = 1)]
+        compression_level: u32,
     },
 }
 
@@ -158,7 +176,9 @@ enum Command {
 const RECV_HELP: &str = "\
 What the source must use (tested live against QEMU 10.0, and with captures of QEMU 7.2):
   - the multifd capability on both sides, and multifd-channels equal to --channels;
-  - plain TCP (no TLS), no multifd-compression, no mapped-ram, no postcopy-ram;
+  - plain TCP (no TLS), no mapped-ram, no postcopy-ram;
+  - multifd-compression none, zlib or zstd (any level; a zstd window above --zstd-max-window
+    is refused);
   - return-path off: a source that asks for a return path is refused at once, since this
     receiver does not answer on one;
   - any zero-page-detection (multifd, legacy or none); --page-size is the source's target
@@ -179,6 +199,26 @@ migrate-set-parameters and migrate):
   migrate_set_capability multifd on
   migrate_set_parameter multifd-channels 4
   migrate -d tcp:DEST:4444";
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    /// Pages as they are.
+    None,
+    /// zlib (deflate with a zlib header, one stream per channel).
+    Zlib,
+    /// zstd (one stream per channel).
+    Zstd,
+}
+
+impl CompressionArg {
+    fn method(self) -> Compression {
+        match self {
+            CompressionArg::None => Compression::None,
+            CompressionArg::Zlib => Compression::Zlib,
+            CompressionArg::Zstd => Compression::Zstd,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LayoutArg {
@@ -217,8 +257,9 @@ fn main() -> ExitCode {
             let _ = <Cli as clap::CommandFactory>::command().print_help();
             ExitCode::from(2)
         }
-        Some(Command::Demo { size, channels, rounds, zero_percent, seed, json }) => {
-            demo(multifd_std::demo::DemoOptions { size, channels, rounds, zero_percent, seed, json })
+        Some(Command::Demo { size, channels, rounds, zero_percent, seed, json, compression }) => {
+            let compression = compression.method();
+            demo(multifd_std::demo::DemoOptions { size, channels, rounds, zero_percent, seed, json, compression })
         }
         Some(Command::Send {
             connect,
@@ -230,12 +271,18 @@ fn main() -> ExitCode {
             connect_timeout,
             io_timeout,
             max_bandwidth,
+            compression,
+            compression_level,
         }) => {
-            let limits = send::SendLimits {
-                // No limit on a connect is the operating system's own (minutes).
-                connect_timeout: connect_timeout.0.unwrap_or(Duration::from_secs(u32::MAX.into())),
-                io_timeout: io_timeout.0,
-                max_bandwidth: max_bandwidth.filter(|&b| b > 0),
+            let limits = match send_limits(
+                connect_timeout,
+                io_timeout,
+                max_bandwidth,
+                compression.method(),
+                compression_level,
+            ) {
+                Ok(l) => l,
+                Err(code) => return code,
             };
             send_cli(&connect, channels, &images, machine, uuid, (json, quiet), &limits)
         }
@@ -251,11 +298,15 @@ fn main() -> ExitCode {
             accept_timeout,
             io_timeout,
             max_ram,
+            compression,
+            zstd_max_window,
         }) => {
             let limits = recv::Limits {
                 accept_timeout: accept_timeout.0,
                 io_timeout: io_timeout.0,
                 max_ram: max_ram.unwrap_or_else(recv::physical_ram),
+                compression,
+                zstd_window: zstd_max_window,
             };
             let progress = !json && !quiet;
             let opts = recv::Options { listen, channels, out, uuid, page_size, port_file, prealloc, progress };
@@ -278,6 +329,34 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The send limits from the options; a compression level outside the method's range is a usage error.
+fn send_limits(
+    connect_timeout: Timeout,
+    io_timeout: Timeout,
+    max_bandwidth: Option<u64>,
+    compression: Compression,
+    compression_level: u32,
+) -> Result<send::SendLimits, ExitCode> {
+    let levels = match compression {
+        Compression::Zlib => multifd_std::codec::ZLIB_LEVELS,
+        Compression::Zstd => multifd_std::codec::ZSTD_LEVELS,
+        _ => 0..=u32::MAX,
+    };
+    if !levels.contains(&compression_level) {
+        let (lo, hi) = (levels.start(), levels.end());
+        eprintln!("multifd send: --compression-level {compression_level}: {} levels are {lo}-{hi}", compression.name());
+        return Err(ExitCode::from(2));
+    }
+    Ok(send::SendLimits {
+        // No limit on a connect is the operating system's own (minutes).
+        connect_timeout: connect_timeout.0.unwrap_or(Duration::from_secs(u32::MAX.into())),
+        io_timeout: io_timeout.0,
+        max_bandwidth: max_bandwidth.filter(|&b| b > 0),
+        compression,
+        compression_level,
+    })
 }
 
 /// Prints `value` as one line of JSON.

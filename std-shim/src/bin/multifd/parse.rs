@@ -120,3 +120,32 @@ mod tests {
         }
     }
 }
+
+/// Parses a list of compression methods for `recv --compression`: `none`, `zlib`, `zstd`,
+/// comma-separated, at least one.
+pub(crate) fn accept(s: &str) -> Result<multifd_std::multifd_core::codec::Accept, String> {
+    use multifd_std::multifd_core::{codec::Accept, wire::Compression};
+    let mut set = Accept::empty();
+    for name in s.split(',').map(str::trim) {
+        set = set.with(match name {
+            "none" => Compression::None,
+            "zlib" => Compression::Zlib,
+            "zstd" => Compression::Zstd,
+            _ => return Err(format!("{name:?} is not a compression method (none, zlib, zstd)")),
+        });
+    }
+    if set.is_empty() {
+        return Err("no compression method given (none, zlib, zstd)".into());
+    }
+    Ok(set)
+}
+
+/// Parses `recv --zstd-max-window`: [`bytes`] in [`multifd_std::codec::ZSTD_WINDOW_RANGE`].
+pub(crate) fn zstd_window(s: &str) -> Result<u64, String> {
+    let b = bytes(s)?;
+    let range = multifd_std::codec::ZSTD_WINDOW_RANGE;
+    if !range.contains(&b) {
+        return Err(format!("{s:?}: a zstd window is {} to {} bytes (1K to 2G)", range.start(), range.end()));
+    }
+    Ok(b)
+}
