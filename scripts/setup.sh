@@ -62,6 +62,8 @@ fi
 
 # 3b. iproute2 (`ip`), for the two-host test (network namespaces joined by a veth pair).
 command -v ip >/dev/null || { [ "$(id -u)" = 0 ] || die "ip (iproute2) is missing and installing it needs root"; quiet apt-get install -y --no-install-recommends iproute2 || die "apt-get install iproute2 failed"; }
+# 3c. A C compiler, for the zstd crate's bundled libzstd (zstd-sys builds it with `cc`).
+command -v cc >/dev/null || { [ "$(id -u)" = 0 ] || die "a C compiler (cc) is missing and installing it needs root"; quiet apt-get install -y --no-install-recommends gcc libc6-dev || die "apt-get install gcc failed"; }
 # 4. defmt-print, to decode the firmware's log. Installed with the pinned stable toolchain.
 export PATH="$HOME/.cargo/bin:$PATH"
 # (grep without -q: under pipefail an early exit could kill the writer and read as "missing".)
