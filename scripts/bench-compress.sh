@@ -6,8 +6,12 @@
 #   qsrc_recv   QEMU 10.0 source -> multifd recv (fresh destination memory)
 #   qsrc_qdst   QEMU source -> QEMU destination (fresh memory), both set to the method
 #   send_recv   multifd send -> multifd recv
+#   qsrc_sink   QEMU source -> a sink that reads and drops every byte: the least time any
+#               destination can take against this source (its compression is the work), the floor
+#               for qsrc_recv
 #   floor       std-shim/examples/codec_floor.rs: the same codec calls on the same pages in as many
-#               threads (one compressing and one decompressing per channel), no I/O
+#               threads (one compressing and one decompressing per channel), no I/O: the floor for
+#               send_recv
 # Goals (issue "Compressed migrations"): qsrc_recv <= 0.8x qsrc_qdst; send_recv <= 0.8x qsrc_qdst;
 # where the floor shows a goal is out of reach, within 10% of the floor.
 # Time of a run: from the migration's start (QEMU: the `migrate` command; multifd send: its
@@ -34,7 +38,7 @@ mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS; methods $METHODS"
 PYTHONPATH="$(pwd)/scripts" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" "$METHODS" $CHANNELS <<'PY'
 import os, random, re, subprocess, sys, time
-from benchlib import ChildCpu, Qemu, Recv, Runs, free_port, proc_cpu, run_send, same_file, send_started
+from benchlib import ChildCpu, Qemu, Recv, Runs, discard_sink, free_port, same_file, send_started
 
 BIN, WORK, MIB, REPS, METHODS = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split()
 CHANNELS = [int(c) for c in sys.argv[6:]]
@@ -131,6 +135,18 @@ def qsrc_qdst(ch, method):
                      "dst_cpu_s/GiB": (d1[0] + d1[1] - d0[0] - d0[1]) / GIB}
 
 
+def qsrc_sink(ch, method):
+    port, wait = discard_sink(ch)
+    src = qemu_src(ch, method)
+    try:
+        t0 = time.time()
+        src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        src.wait_status("completed")
+        return wait() - t0
+    finally:
+        src.stop()
+
+
 def send_recv(ch, method):
     cpu = ChildCpu()
     r = Recv(BIN, WORK, ch)
@@ -157,7 +173,8 @@ def floor(ch, method):
 make_mixed_image(IMAGE, MIB)
 VARIANTS = []
 for method in METHODS:
-    for name, fn in (("qsrc_recv", qsrc_recv), ("qsrc_qdst", qsrc_qdst), ("send_recv", send_recv), ("floor", floor)):
+    for name, fn in (("qsrc_recv", qsrc_recv), ("qsrc_qdst", qsrc_qdst), ("qsrc_sink", qsrc_sink),
+                     ("send_recv", send_recv), ("floor", floor)):
         VARIANTS.append((f"{name}_{method}", (lambda f, m: lambda c: f(c, m))(fn, method)))
 warm = Runs()
 for name, fn in VARIANTS:
@@ -178,15 +195,16 @@ def spread(name, ch):
 
 
 for method in METHODS:
-    q, r, s, f = (f"{v}_{method}" for v in ("qsrc_qdst", "qsrc_recv", "send_recv", "floor"))
+    q, r, k, s, f = (f"{v}_{method}" for v in ("qsrc_qdst", "qsrc_recv", "qsrc_sink", "send_recv", "floor"))
     print(f"\n{method} level 1, medians in seconds (min-max), ratios of medians:\n")
-    print("| channels | QEMU->QEMU | QEMU->recv | ratio (goal <= 0.8) | send->recv | ratio (goal <= 0.8) | floor "
-          "| floor/QEMU->QEMU | send->recv / floor | QEMU->recv / floor |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| channels | QEMU->QEMU | QEMU->recv | ratio (goal <= 0.8) | QEMU->sink | sink/QEMU->QEMU | QEMU->recv / sink "
+          "| send->recv | ratio (goal <= 0.8) | codec floor | floor/QEMU->QEMU | send->recv / floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for ch in CHANNELS:
         print(f"| {ch} | {m(q, ch):.3f} ({spread(q, ch)}) | {m(r, ch):.3f} ({spread(r, ch)}) | {m(r, ch) / m(q, ch):.2f} "
+              f"| {m(k, ch):.3f} ({spread(k, ch)}) | {m(k, ch) / m(q, ch):.2f} | {m(r, ch) / m(k, ch):.2f} "
               f"| {m(s, ch):.3f} ({spread(s, ch)}) | {m(s, ch) / m(q, ch):.2f} | {m(f, ch):.3f} ({spread(f, ch)}) "
-              f"| {m(f, ch) / m(q, ch):.2f} | {m(s, ch) / m(f, ch):.2f} | {m(r, ch) / m(f, ch):.2f} |")
+              f"| {m(f, ch) / m(q, ch):.2f} | {m(s, ch) / m(f, ch):.2f} |")
     print(f"\n{method}: CPU seconds per GiB of guest (medians) and compressed/raw bytes of the data pages:\n")
     print("| channels | QEMU src (->QEMU) | QEMU dst | QEMU src (->recv) | recv | send+recv | floor (both) "
           "| compressed/raw (QEMU) | compressed/raw (ours) | wire MiB QEMU->recv | wire MiB send->recv |")
