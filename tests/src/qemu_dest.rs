@@ -31,6 +31,12 @@ impl QemuDest {
     /// Starts a destination for a `size`-byte block `m0`, whose RAM file initially holds `initial`
     /// (zero-filled if shorter), expecting `channels` multifd channels.
     pub fn start(tag: &str, size: usize, initial: &[u8], channels: u8) -> QemuDest {
+        Self::start_with(tag, size, initial, channels, "")
+    }
+
+    /// As [`QemuDest::start`], with `params` (more members of the `migrate-set-parameters` arguments
+    /// object, e.g. `"multifd-compression":"zlib"`; empty for none) set before `migrate-incoming`.
+    pub fn start_with(tag: &str, size: usize, initial: &[u8], channels: u8, params: &str) -> QemuDest {
         let dir = std::env::temp_dir().join(format!("multifd-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create the destination's directory");
         let ram = dir.join("ram.img");
@@ -66,7 +72,10 @@ impl QemuDest {
         dest.cmd(
             r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"multifd","state":true}]}}"#,
         );
-        dest.cmd(&format!(r#"{{"execute":"migrate-set-parameters","arguments":{{"multifd-channels":{channels}}}}}"#));
+        let params = if params.is_empty() { String::new() } else { format!(",{params}") };
+        dest.cmd(&format!(
+            r#"{{"execute":"migrate-set-parameters","arguments":{{"multifd-channels":{channels}{params}}}}}"#
+        ));
         dest.cmd(&format!(r#"{{"execute":"migrate-incoming","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
         dest
     }
