@@ -892,7 +892,10 @@ impl RecvChannel {
     /// Where the rest of the current packet's page data goes, in wire order: fills `out` with up to
     /// `out.len()` ranges (the first one is the page [`Want::Page`] names, possibly partly filled)
     /// and returns how many. Lets an embedder read several pages with one vectored read; it then
-    /// reports the bytes with [`RecvChannel::advance_many`]. Returns 0 outside page data.
+    /// reports the bytes with [`RecvChannel::advance_many`]. Before a compressed payload
+    /// ([`Want::Compressed`]) it lists every page the payload decompresses to, so an embedder can
+    /// populate fresh memory first; [`RecvChannel::decompress`] then fills them. Returns 0 outside
+    /// page data.
     ///
     /// The offsets were validated once, when the packet's header arrived; this only reads them.
     /// `table` is the table given to [`RecvChannel::advance`] (debug builds check the ranges
@@ -902,8 +905,15 @@ impl RecvChannel {
         table: &BlockTable<'_, M, N>,
         out: &mut [PageRange],
     ) -> usize {
-        let Phase::Pages { block, index, normal, offset, at, geometry, .. } = self.phase else {
-            return 0;
+        let (block, index, normal, offset, at, geometry) = match self.phase {
+            Phase::Pages { block, index, normal, offset, at, geometry, .. } => {
+                (block, index, normal, offset, at, geometry)
+            }
+            Phase::Compressed { block, normal, geometry, .. } => {
+                let Some(first) = self.offsets().and_then(|o| o.get(0)) else { return 0 };
+                (block, 0, normal, checked_page(first, geometry).1, 0, geometry)
+            }
+            _ => return 0,
         };
         let Some(offsets) = self.offsets() else { return 0 };
         let page_size = geometry.bytes();

@@ -310,6 +310,14 @@ fn feed_compressed(
         Want::Compressed { len, method } => {
             assert_eq!((len, method), (payload.len(), codec.0), "the whole payload is asked for at once");
             assert!(len <= ch.max_compressed());
+            // Every page the payload fills is listed up front (to populate fresh memory).
+            let mut ranges = [PageRange::EMPTY; 8];
+            let n = ch.pending_pages(t, &mut ranges);
+            let hdr = Packet::decode(header, &PacketConfig::new(geo())).unwrap();
+            let Packet::Ram(ram) = hdr else { panic!("a RAM packet") };
+            let want: Vec<usize> = ram.normal_offsets().map(|o| o as usize).collect();
+            assert_eq!(ranges[..n].iter().map(|r| r.offset).collect::<Vec<_>>(), want);
+            assert!(ranges[..n].iter().all(|r| r.len == PS));
         }
         other => panic!("wanted {other:?}"),
     }

@@ -78,6 +78,9 @@ impl Run<'_, '_> {
                         Some(c) => c,
                         None => codec.insert(self.compressed(ch, method)?),
                     };
+                    // Fresh memory is populated per run of the packet's pages, as for plain ones.
+                    let count = ch.pending_pages(self.table, &mut page_io.ranges);
+                    prefault_runs(self.table, &page_io.ranges[..count]);
                     let buf = &mut c.payload[..len];
                     let mut got = 0;
                     while got < len {
