@@ -65,6 +65,35 @@ pub(crate) fn timeout(s: &str) -> Result<Timeout, String> {
     Ok(Timeout((!d.is_zero()).then_some(d)))
 }
 
+/// Parses a list of compression methods for `recv --compression`: `none`, `zlib`, `zstd`,
+/// comma-separated, at least one.
+pub(crate) fn accept(s: &str) -> Result<multifd_std::multifd_core::codec::Accept, String> {
+    use multifd_std::multifd_core::{codec::Accept, wire::Compression};
+    let mut set = Accept::empty();
+    for name in s.split(',').map(str::trim) {
+        set = set.with(match name {
+            "none" => Compression::None,
+            "zlib" => Compression::Zlib,
+            "zstd" => Compression::Zstd,
+            _ => return Err(format!("{name:?} is not a compression method (none, zlib, zstd)")),
+        });
+    }
+    if set.is_empty() {
+        return Err("no compression method given (none, zlib, zstd)".into());
+    }
+    Ok(set)
+}
+
+/// Parses `recv --zstd-max-window`: [`bytes`] in [`multifd_std::codec::ZSTD_WINDOW_RANGE`].
+pub(crate) fn zstd_window(s: &str) -> Result<u64, String> {
+    let b = bytes(s)?;
+    let range = multifd_std::codec::ZSTD_WINDOW_RANGE;
+    if !range.contains(&b) {
+        return Err(format!("{s:?}: a zstd window is {} to {} bytes (1K to 2G)", range.start(), range.end()));
+    }
+    Ok(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,33 +148,16 @@ mod tests {
             assert!(e.starts_with(&format!("uuid {bad:?}: ")), "{bad}: {e}");
         }
     }
-}
 
-/// Parses a list of compression methods for `recv --compression`: `none`, `zlib`, `zstd`,
-/// comma-separated, at least one.
-pub(crate) fn accept(s: &str) -> Result<multifd_std::multifd_core::codec::Accept, String> {
-    use multifd_std::multifd_core::{codec::Accept, wire::Compression};
-    let mut set = Accept::empty();
-    for name in s.split(',').map(str::trim) {
-        set = set.with(match name {
-            "none" => Compression::None,
-            "zlib" => Compression::Zlib,
-            "zstd" => Compression::Zstd,
-            _ => return Err(format!("{name:?} is not a compression method (none, zlib, zstd)")),
-        });
+    #[test]
+    fn compression_lists_and_zstd_windows_are_checked() {
+        use multifd_std::multifd_core::wire::Compression;
+        let set = accept("zlib, zstd").unwrap();
+        assert!(set.contains(Compression::Zlib) && set.contains(Compression::Zstd) && !set.contains(Compression::None));
+        assert!(accept("lz4").unwrap_err().contains("\"lz4\" is not a compression method"));
+        accept("").unwrap_err();
+        assert_eq!(zstd_window("8M"), Ok(8 << 20));
+        assert!(zstd_window("512").unwrap_err().contains("1K to 2G"));
+        zstd_window("4G").unwrap_err();
     }
-    if set.is_empty() {
-        return Err("no compression method given (none, zlib, zstd)".into());
-    }
-    Ok(set)
-}
-
-/// Parses `recv --zstd-max-window`: [`bytes`] in [`multifd_std::codec::ZSTD_WINDOW_RANGE`].
-pub(crate) fn zstd_window(s: &str) -> Result<u64, String> {
-    let b = bytes(s)?;
-    let range = multifd_std::codec::ZSTD_WINDOW_RANGE;
-    if !range.contains(&b) {
-        return Err(format!("{s:?}: a zstd window is {} to {} bytes (1K to 2G)", range.start(), range.end()));
-    }
-    Ok(b)
 }
