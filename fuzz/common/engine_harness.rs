@@ -5,8 +5,17 @@
 //! are the session's. The byte streams are handed in by the caller in arbitrary pieces and
 //! interleavings instead of arriving on sockets.
 //!
-//! Shared by the `recv_engine` and `recv_session` fuzz targets (fuzz/fuzz_targets/) and the
-//! malformed-corpus test (tests/tests/malformed_corpus.rs), which includes this file with `#[path]`.
+//! Shared by the `recv_engine`, `recv_session` and `recv_compressed` fuzz targets
+//! (fuzz/fuzz_targets/) and the malformed-corpus test (tests/tests/malformed_corpus.rs), which
+//! includes this file with `#[path]`.
+//!
+//! Compressed packets ([`Want::Compressed`]) are decompressed as `multifd recv`'s channel workers do
+//! it: at a channel's first compressed packet the harness makes that channel's decoder
+//! (`multifd_std::codec::decoder`, the real zlib and zstd streams) and a payload buffer of
+//! [`RecvChannel::max_compressed`] bytes, keeps them for the channel's life, reads each whole
+//! payload into the buffer and hands it to [`RecvChannel::decompress`]. A stream that ends inside a
+//! payload is reported by the channel's end ([`multifd_core::recv::Cut::Compressed`]).
+//! [`Setup::compression`] is the receiver's accepted set (`multifd recv --compression`).
 //!
 //! Guest memory is one arena of atomic bytes holding every block, with guard bytes before, between
 //! and after the blocks (and after each block's used length). The harness itself checks the
@@ -15,7 +24,9 @@
 //! - every page the engine asks for is inside its block, page-aligned, at most one page long;
 //! - after the run every guard byte still holds [`GUARD`];
 //! - an error that names a channel names the channel it came from; `Overrun` (a harness bug) never
-//!   happens; every error has a non-empty message.
+//!   happens; every error has a non-empty message;
+//! - a compressed payload the engine asks for fits [`RecvChannel::max_compressed`], and a packet
+//!   decompressed without error counts exactly its payload's bytes.
 //!
 //! Streams are connections in connection order; the session decides from their first bytes which
 //! one is the main stream (usually stream 0) and which channel each other one is (its init packet).
@@ -29,12 +40,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
+use multifd_core::codec::{Accept, Decompress};
 use multifd_core::lifecycle::{ChannelId, Platform, Wake, WorkerExit};
 use multifd_core::recv::{
     Identity, MainState, MainStream, PageRange, RecvChannel, RecvError, RecvSession, SessionConfig, Want,
 };
 use multifd_core::wire::packet::INIT_PACKET_LEN;
-use multifd_core::wire::{Geometry, Layout, PacketConfig};
+use multifd_core::wire::{Compression, Geometry, Layout, PacketConfig};
 
 /// The value of every guard byte.
 pub const GUARD: u8 = 0xA5;
@@ -58,6 +70,11 @@ pub struct Setup {
     pub layout: Layout,
     /// The blocks: (name, pages).
     pub blocks: Vec<(Vec<u8>, usize)>,
+    /// Compression methods accepted (`multifd recv --compression`; its default is [`Accept::ALL`]).
+    pub compression: Accept,
+    /// Largest zstd window accepted (`multifd recv --zstd-max-window`; its default is
+    /// [`multifd_std::codec::ZSTD_WINDOW_DEFAULT`]).
+    pub zstd_window: u64,
 }
 
 /// One step of the peer: bytes arriving on a stream (one `read`'s worth), or its end.
@@ -193,13 +210,13 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
         layout.push(at);
         at += pages * ps + SLACK + GUARD_LEN;
     }
-    let arena: Vec<AtomicU8> = (0..at).map(|_| AtomicU8::new(GUARD)).collect();
+    // Built and read back as plain bytes: an atomic access per byte costs a compare of its ordering
+    // per byte under coverage instrumentation, the slowest part of a fuzz run.
+    let mut init = vec![GUARD; at];
     for (i, (_, pages)) in setup.blocks.iter().enumerate() {
-        for b in &arena[layout[i]..layout[i] + pages * ps] {
-            // Relaxed: single-threaded harness.
-            b.store(0, Ordering::Relaxed);
-        }
+        init[layout[i]..layout[i] + pages * ps].fill(0);
     }
+    let arena: Vec<AtomicU8> = init.into_iter().map(AtomicU8::new).collect();
     let views: Vec<View<'_>> = setup
         .blocks
         .iter()
@@ -214,27 +231,27 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
         table.add(&spec, &views[i], &words[i]).expect("harness block table");
     }
 
-    let packet = PacketConfig { layout: setup.layout, ..PacketConfig::new(geometry) };
+    let packet = PacketConfig { layout: setup.layout, compression: setup.compression, ..PacketConfig::new(geometry) };
     let cfg = SessionConfig { uuid: setup.uuid, ..SessionConfig::new(setup.channels, packet) };
-    let (result, epochs) = drive(cfg, &table, ops);
-    // No byte outside the blocks' used lengths changed: check the gaps between the used ranges.
+    let (result, epochs) = drive(cfg, &table, ops, setup.zstd_window);
+    drop(views);
+    // No byte outside the blocks' used lengths changed: check the gaps between the used ranges,
+    // each with one slice comparison (for the same reason as above).
+    let bytes: Vec<u8> = arena.into_iter().map(AtomicU8::into_inner).collect();
+    let guard = vec![GUARD; bytes.len()];
     let used: Vec<(usize, usize)> =
         setup.blocks.iter().enumerate().map(|(k, (_, p))| (layout[k], layout[k] + p * ps)).collect();
     let mut gap_start = 0;
-    for &(start, end) in used.iter().chain([&(arena.len(), arena.len())]) {
-        for (i, b) in arena.iter().enumerate().take(start).skip(gap_start) {
-            // Relaxed: single-threaded harness.
-            let v = b.load(Ordering::Relaxed);
-            assert!(v == GUARD, "guard byte {i} of the arena changed to {v:#x}");
+    for &(start, end) in used.iter().chain([&(bytes.len(), bytes.len())]) {
+        let gap = &bytes[gap_start..start];
+        if gap != &guard[..gap.len()] {
+            let i = gap_start + gap.iter().position(|&v| v != GUARD).unwrap_or_default();
+            panic!("guard byte {i} of the arena changed to {:#x}", bytes[i]);
         }
         gap_start = end;
     }
-    let memory = setup
-        .blocks
-        .iter()
-        .enumerate()
-        .map(|(k, (_, p))| arena[layout[k]..layout[k] + p * ps].iter().map(|b| b.load(Ordering::Relaxed)).collect())
-        .collect();
+    let memory =
+        setup.blocks.iter().enumerate().map(|(k, (_, p))| bytes[layout[k]..layout[k] + p * ps].to_vec()).collect();
     if let Err(e) = &result {
         assert!(!e.to_string().is_empty(), "an error without a message: {e:?}");
     }
@@ -246,7 +263,12 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
 fn check_channel_error(e: &Fail, id: ChannelId) {
     match *e {
         Fail::Session(
-            RecvError::Packet { channel, .. } | RecvError::Block { channel, .. } | RecvError::Truncated { channel, .. },
+            RecvError::Packet { channel, .. }
+            | RecvError::Block { channel, .. }
+            | RecvError::Truncated { channel, .. }
+            | RecvError::Codec { channel, .. }
+            | RecvError::MethodChanged { channel, .. }
+            | RecvError::NoDecompressor { channel, .. },
         ) => {
             assert_eq!(channel, id, "error names another channel: {e}");
         }
@@ -280,12 +302,22 @@ enum Role {
     Done,
 }
 
-/// A connection: what arrived and was not read yet, whether page data is read vectored, its end.
+/// A connection: what arrived and was not read yet, whether page data is read vectored, its end,
+/// and (once it had a compressed packet) its decompression state.
 struct Conn {
     role: Role,
     bytes: VecDeque<u8>,
     vectored: bool,
     eof: bool,
+    codec: Option<Codec>,
+}
+
+/// A channel's decompression state, made at its first compressed packet as `multifd recv` makes
+/// it: the stream, a buffer for the largest payload a packet may have, and one page.
+struct Codec {
+    stream: Box<dyn Decompress + Send>,
+    payload: Vec<u8>,
+    page: Vec<u8>,
 }
 
 struct Model<'t> {
@@ -293,15 +325,16 @@ struct Model<'t> {
     table: &'t Table<'t>,
     main: MainStream<4>,
     conns: Vec<Conn>,
+    zstd_window: u64,
 }
 
 /// Runs `ops` through a session for `cfg` into `table`, then every stream ends; returns the first
 /// failure (or what the completion checks say) and the epochs released.
-fn drive(cfg: SessionConfig, table: &Table<'_>, ops: &[Op<'_>]) -> (Result<(), Fail>, u32) {
+fn drive(cfg: SessionConfig, table: &Table<'_>, ops: &[Op<'_>], zstd_window: u64) -> (Result<(), Fail>, u32) {
     let s = Session::new(cfg).expect("harness channel count");
     s.lifecycle().create_all(&Inline, |_| Ok(())).expect("harness lifecycle");
-    let conn = |_| Conn { role: Role::Unknown, bytes: VecDeque::new(), vectored: false, eof: false };
-    let mut m = Model { s: &s, table, main: MainStream::new(&s), conns: Vec::new() };
+    let conn = |_| Conn { role: Role::Unknown, bytes: VecDeque::new(), vectored: false, eof: false, codec: None };
+    let mut m = Model { s: &s, table, main: MainStream::new(&s), conns: Vec::new(), zstd_window };
     m.conns = (0..=cfg.channels).map(conn).collect();
     let ends: Vec<Op<'_>> = (0..m.conns.len()).map(|stream| Op::End { stream }).collect();
     for op in ops.iter().chain(&ends) {
@@ -337,7 +370,7 @@ impl Model<'_> {
 
     /// Moves connection `i`'s bytes into the session; returns whether anything moved.
     fn step(&mut self, i: usize) -> Result<bool, Fail> {
-        let (s, table, conn) = (self.s, self.table, &mut self.conns[i]);
+        let (s, table, zstd_window, conn) = (self.s, self.table, self.zstd_window, &mut self.conns[i]);
         let (input, mut moved) = (conn.bytes.as_slices().0, false);
         let used = match &mut conn.role {
             Role::Unknown => {
@@ -373,19 +406,67 @@ impl Model<'_> {
                 if !s.poll_sync(ch) {
                     return Ok(false);
                 }
-                if input.is_empty() && conn.eof {
+                // A compressed payload is taken whole, once all of it arrived (as a worker reads it).
+                let ps = s.config().packet.geometry.page_size() as usize;
+                let payload = match ch.want() {
+                    Want::Compressed { len, method } => Some((len, method)),
+                    _ => None,
+                };
+                let starved = payload.is_some_and(|(len, _)| conn.bytes.len() < len);
+                if conn.eof && (input.is_empty() || starved) {
                     s.channel_done(&Inline, ch, true);
                     s.lifecycle().error().inspect(|e| check_channel_error(e, ch.id()));
                     conn.role = Role::Done;
                     return Ok(true);
                 }
-                feed(ch, input, conn.vectored, table, s.config().packet.geometry.page_size() as usize)?
+                match payload {
+                    Some(_) if starved => return Ok(false),
+                    Some((len, method)) => {
+                        let codec = match &mut conn.codec {
+                            Some(c) => c,
+                            None => conn.codec.insert(new_codec(ch, method, zstd_window, ps)?),
+                        };
+                        assert!(len <= codec.payload.len(), "a {len}-byte compressed payload asked for");
+                        let (front, back) = conn.bytes.as_slices();
+                        let k = front.len().min(len);
+                        codec.payload[..k].copy_from_slice(&front[..k]);
+                        codec.payload[k..len].copy_from_slice(&back[..len - k]);
+                        decompress(ch, codec, len, table)?;
+                        len
+                    }
+                    None => feed(ch, input, conn.vectored, table, ps)?,
+                }
             }
             Role::Done => 0,
         };
         conn.bytes.drain(..used);
         Ok(used > 0 || moved)
     }
+}
+
+/// A channel's decompression state for `method` (see [`Codec`]), or the error `multifd recv` gives
+/// when it cannot make one.
+fn new_codec(ch: &RecvChannel, method: Compression, zstd_window: u64, page_size: usize) -> Result<Codec, Fail> {
+    let (channel, packet) = (ch.id(), ch.stats().packets.saturating_sub(1));
+    let stream = multifd_std::codec::decoder(method, zstd_window)
+        .map_err(|error| Fail::Session(RecvError::Codec { channel, packet, method, error }))?
+        .ok_or(Fail::Session(RecvError::NoDecompressor { channel, packet, method }))?;
+    assert_eq!(stream.method(), method, "multifd_std::codec::decoder made a decoder for another method");
+    Ok(Codec { stream, payload: vec![0u8; ch.max_compressed()], page: vec![0u8; page_size] })
+}
+
+/// Decompresses the `len`-byte payload in `codec`'s buffer into the packet's pages; checks the byte
+/// counts on success.
+fn decompress(ch: &mut RecvChannel, codec: &mut Codec, len: usize, table: &Table<'_>) -> Result<(), Fail> {
+    let (id, before) = (ch.id(), ch.stats());
+    let Codec { stream, payload, page } = codec;
+    ch.decompress(&payload[..len], stream.as_mut(), page, table)
+        .map_err(Fail::Session)
+        .inspect_err(|e| check_channel_error(e, id))?;
+    let after = ch.stats();
+    assert_eq!(after.bytes - before.bytes, len as u64, "payload bytes consumed and counted differ");
+    assert_eq!(after.compressed_bytes - before.compressed_bytes, len as u64, "compressed bytes miscounted");
+    Ok(())
 }
 
 /// Feeds the front of `input` to `ch` as one read: what the channel wants next, at most (page data
@@ -405,7 +486,8 @@ fn feed(ch: &mut RecvChannel, input: &[u8], vectored: bool, table: &Table<'_>, p
             })
         }
         Want::Discard(len) => len.min(input.len()),
-        Want::Sync => 0,
+        // Taken whole by `Model::step`, never here.
+        Want::Compressed { .. } | Want::Sync => 0,
     };
     ch.advance_many(n, table).map_err(Fail::Session).inspect_err(|e| check_channel_error(e, id))?;
     assert_eq!(ch.stats().bytes - before, n as u64, "bytes consumed and counted differ");

@@ -4,7 +4,9 @@
 //!
 //! The harness (fuzz/common/engine_harness.rs) panics on a broken invariant: a write outside a
 //! block's used length, a page request outside its block, a changed guard byte, an error naming the
-//! wrong channel. The engine itself must never panic; every failure is a typed error.
+//! wrong channel. The engine itself must never panic; every failure is a typed error. The receiver
+//! accepts only uncompressed packets (`Accept::NONE`: a compression value in the flags is refused
+//! at its header, as before compression existed); the decompressing path is `recv_compressed`'s.
 //!
 //! Input: byte 0 configures the run (bits 0-1: channels - 1; bits 2-3: page size 4K/64K/1K/4K;
 //! bit 4: start each connection with a valid init packet; bit 5: start the main stream with a valid
@@ -13,8 +15,10 @@
 //! page data by vectored read; bit 7: the stream ends after the data), `len`, then `len` bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use multifd_core::codec::Accept;
 use multifd_core::wire::stream::Record;
 use multifd_core::wire::{InitPacket, Layout};
+use multifd_std::codec::ZSTD_WINDOW_DEFAULT;
 
 #[path = "../common/engine_harness.rs"]
 mod engine_harness;
@@ -38,6 +42,8 @@ fuzz_target!(|data: &[u8]| {
         uuid: (cfg & 0x80 != 0).then_some(UUID),
         layout: if cfg & 0x40 != 0 { Layout::V7_2 } else { Layout::V9_0 },
         blocks: vec![(b"pc.ram".to_vec(), 3), (b"m1".to_vec(), 1)],
+        compression: Accept::NONE,
+        zstd_window: ZSTD_WINDOW_DEFAULT,
     };
     // Valid prefixes make the deeper states reachable from short inputs.
     let mut inits = Vec::new();

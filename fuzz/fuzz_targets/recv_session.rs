@@ -6,7 +6,8 @@
 //! panics on a broken invariant (a write outside a block, a page request outside its block, a changed
 //! guard byte, an error naming the wrong channel). Whether a migration completes depends only on
 //! the streams' bytes, not on how they are cut and interleaved: each input runs in two schedules
-//! (each stream whole, in connection order; round-robin in chunks) and both must agree.
+//! (each stream whole, in connection order; round-robin in chunks) and both must agree. The receiver
+//! accepts only uncompressed packets (`Accept::NONE`); compressed streams are `recv_compressed`'s.
 //!
 //! Input: byte 0 configures the run (bits 0-1: channels - 1; bit 2: each connection starts with a
 //! valid init packet; bit 3: the main stream starts with a valid header and block list; bit 4: each
@@ -18,8 +19,10 @@
 //! and its valid end.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use multifd_core::codec::Accept;
 use multifd_core::wire::stream::Record;
 use multifd_core::wire::{Flags, Geometry, InitPacket, Layout, RamHeader};
+use multifd_std::codec::ZSTD_WINDOW_DEFAULT;
 
 #[path = "../common/engine_harness.rs"]
 mod engine_harness;
@@ -111,6 +114,8 @@ fuzz_target!(|data: &[u8]| {
         uuid: (cfg & 0x80 != 0).then_some(UUID),
         layout: Layout::V9_0,
         blocks: BLOCKS.iter().map(|(name, pages)| (name.to_vec(), *pages)).collect(),
+        compression: Accept::NONE,
+        zstd_window: ZSTD_WINDOW_DEFAULT,
     };
     let vectored = cfg & 0x40 != 0;
     let whole: Vec<Op<'_>> =

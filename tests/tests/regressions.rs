@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use multifd_core::codec::Accept;
 use multifd_core::lifecycle::{ChannelId, ChannelState, Coordinator, Created};
 use multifd_core::send::{Precopy, Quiescent, RoundStats, Step};
 use multifd_core::wire::stream::{Event, Record, StreamConfig, StreamParser};
@@ -52,6 +53,11 @@ struct RecvRun {
 }
 
 fn start_recv(tag: &str, channels: u8, uuid: Option<[u8; 16]>) -> RecvRun {
+    start_recv_with(tag, channels, uuid, &recv::Limits::default())
+}
+
+/// As [`start_recv`], the receiver run with `limits` (`recv::run_with`).
+fn start_recv_with(tag: &str, channels: u8, uuid: Option<[u8; 16]>, limits: &recv::Limits) -> RecvRun {
     let dir = temp_dir(tag);
     let out = dir.join("out");
     let port_file = dir.join("port");
@@ -65,7 +71,9 @@ fn start_recv(tag: &str, channels: u8, uuid: Option<[u8; 16]>) -> RecvRun {
         prealloc: Vec::new(),
         progress: false,
     };
-    let handle = thread::Builder::new().name("regress-recv".into()).spawn(move || recv::run(&opts)).unwrap();
+    let limits = limits.clone();
+    let handle =
+        thread::Builder::new().name("regress-recv".into()).spawn(move || recv::run_with(&opts, &limits)).unwrap();
     let t0 = Instant::now();
     let port = loop {
         if let Some(p) = std::fs::read_to_string(&port_file).ok().and_then(|t| t.trim().parse::<u16>().ok()) {
@@ -97,7 +105,15 @@ impl RecvRun {
 /// closes them at once or only after the receiver ended (`keep_open`), and returns its error. Checks
 /// that it failed, joined every worker and wrote no block file.
 fn recv_failure(tag: &str, channels: u8, uuid: Option<[u8; 16]>, conns: &[Vec<u8>], keep_open: bool) -> String {
-    let r = start_recv(tag, channels, uuid);
+    recv_failure_of(start_recv(tag, channels, uuid), tag, conns, keep_open)
+}
+
+/// As [`recv_failure`] (no uuid), the receiver run with `limits`.
+fn recv_failure_with(tag: &str, channels: u8, limits: &recv::Limits, conns: &[Vec<u8>], keep_open: bool) -> String {
+    recv_failure_of(start_recv_with(tag, channels, None, limits), tag, conns, keep_open)
+}
+
+fn recv_failure_of(r: RecvRun, tag: &str, conns: &[Vec<u8>], keep_open: bool) -> String {
     let mut streams: Vec<TcpStream> = conns.iter().map(|c| r.connect(c)).collect();
     if !keep_open {
         streams.clear();
@@ -717,24 +733,56 @@ fn o1_std_init_packet_id_equal_n_rejected() {
 
 /// 7.2 "`pages_alloc` > page_count, counts overflow, offset beyond block, unaligned offset, unknown
 /// block, bad compression value" (B28, O4). Expected: a clean error naming the channel and the value.
+/// A bad compression value is one of three: a value no QEMU version defines (two method bits), a
+/// method QEMU defines that this receiver never decodes (QPL), and zlib sent to a receiver told to
+/// accept only uncompressed packets (`Limits::compression`, `multifd recv --compression none`); zlib
+/// and zstd themselves are accepted by default (their payload errors: tests/tests/malformed_corpus.rs).
 #[test]
 fn b28_o4_std_hostile_packet_headers_refused() {
     with_deadline(60, "b28_o4_std_hostile_packet_headers_refused", || {
-        let cases: [(&str, usize, Vec<u8>, &str); 7] = [
-            ("pages_alloc", 12, 129u32.to_be_bytes().to_vec(), "pages_alloc 129 is larger than page_count 128"),
-            ("zero-overflow", 32, u32::MAX.to_be_bytes().to_vec(), "zero_pages 4294967295 is larger"),
-            ("offset", 320, ((4 * PAGE) as u64).to_be_bytes().to_vec(), "offset[0] 0x4000"),
-            ("unaligned", 320, 100u64.to_be_bytes().to_vec(), "offset[0] 0x64 is not a multiple of the page size"),
-            ("block", 64, b"pc.ram\0".to_vec(), "unknown RAM block \"pc.ram\""),
-            ("zlib", 8, 2u32.to_be_bytes().to_vec(), "compression value in flags is 0x2, expected 0x0"),
-            ("size", 20, 1u32.to_be_bytes().to_vec(), "next_packet_size 1 is not normal_pages 1"),
+        let all = recv::Limits::default();
+        let none = recv::Limits { compression: Accept::NONE, ..recv::Limits::default() };
+        let cases: [(&str, usize, Vec<u8>, &recv::Limits, &str); 9] = [
+            ("pages_alloc", 12, 129u32.to_be_bytes().to_vec(), &all, "pages_alloc 129 is larger than page_count 128"),
+            ("zero-overflow", 32, u32::MAX.to_be_bytes().to_vec(), &all, "zero_pages 4294967295 is larger"),
+            ("offset", 320, ((4 * PAGE) as u64).to_be_bytes().to_vec(), &all, "offset[0] 0x4000"),
+            (
+                "unaligned",
+                320,
+                100u64.to_be_bytes().to_vec(),
+                &all,
+                "offset[0] 0x64 is not a multiple of the page size",
+            ),
+            ("block", 64, b"pc.ram\0".to_vec(), &all, "unknown RAM block \"pc.ram\""),
+            (
+                "compression",
+                8,
+                6u32.to_be_bytes().to_vec(),
+                &all,
+                "compression value in flags is 0x6, which no QEMU version",
+            ),
+            (
+                "qpl",
+                8,
+                8u32.to_be_bytes().to_vec(),
+                &all,
+                "compression qpl (flags value 0x8) is not accepted (accepted: none,zlib,zstd)",
+            ),
+            (
+                "zlib",
+                8,
+                2u32.to_be_bytes().to_vec(),
+                &none,
+                "compression zlib (flags value 0x2) is not accepted (accepted: none)",
+            ),
+            ("size", 20, 1u32.to_be_bytes().to_vec(), &all, "next_packet_size 1 is not normal_pages 1"),
         ];
-        for (tag, at, bytes, want) in cases {
+        for (tag, at, bytes, limits, want) in cases {
             let mut c0 = init(0);
             let start = c0.len();
             packet(&mut c0, false, &[(0, 1)], &[]);
             c0[start + at..start + at + bytes.len()].copy_from_slice(&bytes);
-            let err = recv_failure(&format!("b28-{tag}"), 1, None, &[main_stream(4, 1, true), c0], true);
+            let err = recv_failure_with(&format!("b28-{tag}"), 1, limits, &[main_stream(4, 1, true), c0], true);
             assert!(err.contains("channel 0") && err.contains("packet 0") && err.contains(want), "{tag}: {err}");
         }
     });
