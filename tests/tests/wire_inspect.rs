@@ -55,3 +55,53 @@ fn table_and_json_of_a_capture() {
     assert!(matches!(inspect(&[txt], OPTS).unwrap_err(), InspectError::UnknownStream { .. }));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A compressed channel capture (init packet, then two zstd packets made by our encoder, one with a
+/// zero page): the table shows each packet's compressed and raw sizes and the file's total, the
+/// JSON carries the method and both sizes, and the payloads are skipped by their compressed length
+/// (a wrong skip would misread the second header).
+#[test]
+fn a_compressed_capture_shows_compressed_and_raw_sizes() {
+    use multifd_core::codec::Compress;
+    use multifd_core::lifecycle::ChannelId;
+    use multifd_core::wire::{Flags, Geometry, RamHeader};
+    let geo = Geometry::new(4096).unwrap();
+    let mut enc = multifd_std::codec::ZstdEncoder::new(1).unwrap();
+    let mut wire = multifd_core::send::init_packet(ChannelId(1), [0; 16]).to_vec();
+    let mut raw_total = 0;
+    let mut packed_total = 0;
+    for (n, fill) in [(3usize, b'a'), (1, b'b')] {
+        let pages: Vec<Vec<u8>> = (0..n).map(|i| vec![fill + i as u8; 4096]).collect();
+        let mut payload = vec![0u8; 2 * n * 4096];
+        let len = enc.compress(&mut pages.iter().map(|p| p.as_slice()), &mut payload).unwrap();
+        let offs: Vec<u64> = (0..n as u64 + 1).map(|p| p * 4096).collect();
+        let mut header = vec![0u8; geo.header_len()];
+        RamHeader {
+            flags: Flags(0x4),
+            pages_alloc: geo.page_count(),
+            normal_pages: n as u32,
+            next_packet_size: len as u32,
+            packet_num: n as u64,
+            zero_pages: 1,
+            block: b"m0",
+        }
+        .encode(&offs, geo, Layout::V9_0, &mut header)
+        .unwrap();
+        wire.extend(&header);
+        wire.extend(&payload[..len]);
+        raw_total += n * 4096;
+        packed_total += len;
+    }
+    let dir = std::env::temp_dir().join(format!("multifd-inspect-zstd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("zstd-ch1.bin");
+    std::fs::write(&path, &wire).unwrap();
+    let text = inspect(core::slice::from_ref(&path), OPTS).unwrap();
+    assert_eq!(text.matches("[zstd: ").count(), 2, "{text}");
+    assert!(text.contains(&format!("zstd: {raw_total} bytes of pages in {packed_total} compressed bytes")), "{text}");
+    assert!(text.contains(&format!("2 packets, {} bytes", wire.len())), "{text}");
+    let json = inspect(&[path], Options { json: true, ..OPTS }).unwrap();
+    assert_eq!(json.matches("\"compression\":\"zstd\"").count(), 2, "{json}");
+    assert!(json.contains("\"raw_bytes\":12288"), "{json}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
