@@ -312,22 +312,7 @@ fn main() -> ExitCode {
             let opts = recv::Options { listen, channels, out, uuid, page_size, port_file, prealloc, progress };
             recv_cli(&opts, &limits, json, quiet)
         }
-        Some(Command::Inspect { files, json, page_size, layout }) => {
-            let layout = match layout {
-                LayoutArg::V7_2 => Layout::V7_2,
-                LayoutArg::V9_0 => Layout::V9_0,
-            };
-            match inspect::inspect(&files, Options { page_size, layout, json }) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("multifd inspect: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Some(Command::Inspect { files, json, page_size, layout }) => inspect_cli(&files, json, page_size, layout),
     }
 }
 
@@ -357,6 +342,23 @@ fn send_limits(
         compression,
         compression_level,
     })
+}
+
+fn inspect_cli(files: &[PathBuf], json: bool, page_size: u32, layout: LayoutArg) -> ExitCode {
+    let layout = match layout {
+        LayoutArg::V7_2 => Layout::V7_2,
+        LayoutArg::V9_0 => Layout::V9_0,
+    };
+    match inspect::inspect(files, Options { page_size, layout, json }) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("multifd inspect: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Prints `value` as one line of JSON.
