@@ -97,39 +97,61 @@ impl Decompress for ZlibDecoder {
         produced: u64,
         expected: u64,
     ) -> Result<(), CodecError> {
-        let mut filled = 0;
-        while filled < out.len() {
-            let (used, made, ended) = self.step(input, &mut out[filled..], FlushDecompress::None)?;
-            *input = &input[used..];
-            filled += made;
-            if ended {
-                return Err(CodecError::StreamEnded);
-            }
-            if used == 0 && made == 0 {
-                return Err(CodecError::Short { produced: produced + filled as u64, expected });
-            }
-        }
-        Ok(())
+        fill(|i, o| self.step(i, o, FlushDecompress::None), input, out, produced, expected)
     }
 
     fn end_packet(&mut self, input: &mut &[u8], expected: u64) -> Result<(), CodecError> {
-        // What is left is the sync flush's empty stored block: it makes no output, so a one-byte
-        // probe is enough to tell it from more data.
-        // Probed at least once even with no input left: the stream may hold output it already
-        // decoded (the rest of a match) that did not fit the last page.
-        let mut probe = [0u8; 1];
-        loop {
-            let (used, made, ended) = self.step(input, &mut probe, FlushDecompress::Sync)?;
-            *input = &input[used..];
-            if made > 0 {
-                return Err(CodecError::Long { expected });
-            }
-            if ended {
-                return Err(CodecError::StreamEnded);
-            }
-            if used == 0 || input.is_empty() {
-                return Ok(()); // what is left, if anything, the core reports as trailing bytes
-            }
+        // What is left is the sync flush's empty stored block, or output the stream already decoded
+        // (the rest of a match) that did not fit the last page.
+        drain(|i, o| self.step(i, o, FlushDecompress::Sync), input, expected)
+    }
+}
+
+/// Decompresses from `input` until `out` is full with `step` (one library call: input used, output
+/// made, whether the stream ended); the shared loop of both decoders.
+fn fill(
+    mut step: impl FnMut(&[u8], &mut [u8]) -> Result<(usize, usize, bool), CodecError>,
+    input: &mut &[u8],
+    out: &mut [u8],
+    produced: u64,
+    expected: u64,
+) -> Result<(), CodecError> {
+    let mut filled = 0;
+    while filled < out.len() {
+        let (used, made, ended) = step(input, &mut out[filled..])?;
+        *input = &input[used..];
+        filled += made;
+        if ended {
+            // A zlib end of stream or a whole zstd frame: QEMU's streams are flushed, never ended.
+            return Err(CodecError::StreamEnded);
+        }
+        if used == 0 && made == 0 {
+            return Err(CodecError::Short { produced: produced + filled as u64, expected });
+        }
+    }
+    Ok(())
+}
+
+/// After a packet's pages: consumes what is left of `input`, which must make no output. Probes at
+/// least once, even with no input left, since a decoder may hold decoded data (zstd buffers whole
+/// blocks; zlib the rest of a match); a one-byte probe tells data from a flush.
+fn drain(
+    mut step: impl FnMut(&[u8], &mut [u8]) -> Result<(usize, usize, bool), CodecError>,
+    input: &mut &[u8],
+    expected: u64,
+) -> Result<(), CodecError> {
+    let mut probe = [0u8; 1];
+    loop {
+        let (used, made, ended) = step(input, &mut probe)?;
+        *input = &input[used..];
+        if made > 0 {
+            return Err(CodecError::Long { expected });
+        }
+        if ended {
+            return Err(CodecError::StreamEnded);
+        }
+        if used == 0 || input.is_empty() {
+            return Ok(()); // what is left, if anything, the core reports as trailing bytes
         }
     }
 }
@@ -225,7 +247,8 @@ impl ZstdDecoder {
         Ok(Self { d, window: 1 << window_log(window) })
     }
 
-    fn step(&mut self, input: &[u8], out: &mut [u8]) -> Result<(usize, usize, usize), CodecError> {
+    /// One decoder call: returns (input used, output made, a frame ended).
+    fn step(&mut self, input: &[u8], out: &mut [u8]) -> Result<(usize, usize, bool), CodecError> {
         let mut inb = zstd_safe::InBuffer::around(input);
         let mut outb = zstd_safe::OutBuffer::around(out);
         let hint = self.d.decompress_stream(&mut outb, &mut inb).map_err(|c| {
@@ -235,7 +258,8 @@ impl ZstdDecoder {
                 zstd_error(c)
             }
         })?;
-        Ok((inb.pos(), outb.pos(), hint))
+        // A hint of 0: a frame ended.
+        Ok((inb.pos(), outb.pos(), hint == 0))
     }
 }
 
@@ -251,39 +275,11 @@ impl Decompress for ZstdDecoder {
         produced: u64,
         expected: u64,
     ) -> Result<(), CodecError> {
-        let mut filled = 0;
-        while filled < out.len() {
-            let (used, made, hint) = self.step(input, &mut out[filled..])?;
-            *input = &input[used..];
-            filled += made;
-            if hint == 0 {
-                // A whole frame was decoded: QEMU's streams are flushed, never ended.
-                return Err(CodecError::StreamEnded);
-            }
-            if used == 0 && made == 0 {
-                return Err(CodecError::Short { produced: produced + filled as u64, expected });
-            }
-        }
-        Ok(())
+        fill(|i, o| self.step(i, o), input, out, produced, expected)
     }
 
     fn end_packet(&mut self, input: &mut &[u8], expected: u64) -> Result<(), CodecError> {
-        // As for zlib: the decoder buffers whole blocks, so data past the pages may already be
-        // inside it with no input left.
-        let mut probe = [0u8; 1];
-        loop {
-            let (used, made, hint) = self.step(input, &mut probe)?;
-            *input = &input[used..];
-            if made > 0 {
-                return Err(CodecError::Long { expected });
-            }
-            if hint == 0 {
-                return Err(CodecError::StreamEnded);
-            }
-            if used == 0 || input.is_empty() {
-                return Ok(());
-            }
-        }
+        drain(|i, o| self.step(i, o), input, expected)
     }
 }
 
