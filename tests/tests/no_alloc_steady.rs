@@ -13,7 +13,9 @@
 //! one packet per 128 pages per side (512 for the uncompressed 256 MiB image, 128 for the compressed
 //! 64 MiB ones); if either side allocated per packet, rounds 1 and 3 would show that many
 //! allocations and round 2 an eighth of it. The assertion: after warm-up every round allocates at
-//! most a small constant, the same for a full round as for an eighth of one.
+//! most a small constant, the same for a full round as for an eighth of one. Each counted migration
+//! runs in a child process of its own with one test thread, so that nothing else in the process
+//! (another test, the test harness) allocates while a round is counted.
 //!
 //! What the counting allocator sees: every allocation through Rust's global allocator, which is
 //! all of our code, the std shim, the standard library, and zlib, since `flate2`'s `zlib-rs` backend
@@ -31,6 +33,7 @@
 //! counts them per steady round.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -268,33 +271,77 @@ fn assert_steady(tag: &str, probe: &Probe, pages: usize) {
 
 #[test]
 fn steady_state_migration_of_256_mib_allocates_nothing_per_packet() {
-    multifd_tests::with_deadline(180, "steady_state_migration_of_256_mib_allocates_nothing_per_packet", || {
-        let probe = migrate_rounds("plain", SIZE, Compression::None, false);
-        assert_steady("uncompressed", &probe, SIZE / PAGE);
-    });
+    counted_alone(
+        "steady_state_migration_of_256_mib_allocates_nothing_per_packet",
+        "uncompressed",
+        SIZE,
+        Compression::None,
+    );
 }
 
 /// zlib: every allocation of the codec is visible to the counting allocator (see the module docs).
 #[test]
 fn steady_state_zlib_migration_allocates_nothing_per_packet() {
-    multifd_tests::with_deadline(180, "steady_state_zlib_migration_allocates_nothing_per_packet", || {
-        let probe = migrate_rounds("zlib", COMPRESSED_SIZE, Compression::Zlib, false);
-        assert_steady("zlib", &probe, COMPRESSED_SIZE / PAGE);
-    });
+    counted_alone(
+        "steady_state_zlib_migration_allocates_nothing_per_packet",
+        "zlib",
+        COMPRESSED_SIZE,
+        Compression::Zlib,
+    );
 }
 
 /// zstd: the counting allocator sees the Rust side only; the C library is
 /// `zstd_c_library_mallocs_nothing_per_packet`'s.
 #[test]
 fn steady_state_zstd_migration_allocates_nothing_per_packet() {
-    multifd_tests::with_deadline(180, "steady_state_zstd_migration_allocates_nothing_per_packet", || {
-        let probe = migrate_rounds("zstd", COMPRESSED_SIZE, Compression::Zstd, false);
-        assert_steady("zstd", &probe, COMPRESSED_SIZE / PAGE);
-    });
+    counted_alone(
+        "steady_state_zstd_migration_allocates_nothing_per_packet",
+        "zstd",
+        COMPRESSED_SIZE,
+        Compression::Zstd,
+    );
 }
 
-/// Set in the child process of `zstd_c_library_mallocs_nothing_per_packet`.
-const CHILD_ENV: &str = "MULTIFD_NO_ALLOC_MTRACE_CHILD";
+/// One counted migration, run by the test `name` in a child process of its own (see [`alone`]).
+fn counted_alone(name: &str, tag: &str, size: usize, compression: Compression) {
+    if in_child() {
+        multifd_tests::with_deadline(180, name, || {
+            let probe = migrate_rounds(tag, size, compression, false);
+            assert_steady(tag, &probe, size / PAGE);
+        });
+    } else {
+        alone(name, &[]);
+    }
+}
+
+/// Set in the child processes that [`alone`] starts.
+const CHILD_ENV: &str = "MULTIFD_NO_ALLOC_CHILD";
+
+fn in_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// Reruns this binary's test `name` in a child process, alone (`--exact --test-threads=1`), with
+/// `env` added, and fails if the child fails or did not run exactly that one test (its stderr is
+/// passed on). Why a child: the counting allocator counts every thread of the process, and a
+/// test binary has threads that are not the migration's. The test harness's own thread formats a
+/// line when another test finishes and, when tests run in parallel, a "has been running for over 60
+/// seconds" notice (three allocations, once seen in a steady round under ThreadSanitizer); with one
+/// test thread the harness waits without a timer. The child re-checks the whole test itself, so its
+/// failure message is the test's.
+fn alone(name: &str, env: &[(&str, &OsStr)]) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("this test binary"));
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"]).env(CHILD_ENV, "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the test's child process");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprint!("{stderr}");
+    assert!(out.status.success(), "{name}: the child process failed ({}):\n{stdout}", out.status);
+    assert!(stdout.contains("1 passed"), "{name}: the child process did not run the test:\n{stdout}");
+}
+
 const MALLOC_DEBUG: &str = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0";
 
 /// Allocations (`malloc`, `calloc`, `realloc`, `memalign`) in each of rounds 1, 2 and 3 of a glibc
@@ -329,7 +376,7 @@ fn trace_rounds(trace: &str) -> Option<[u64; 3]> {
 /// tracer cannot see: tier 8 builds with `RUSTFLAGS=-Zsanitizer=thread`).
 #[test]
 fn zstd_c_library_mallocs_nothing_per_packet() {
-    if std::env::var_os(CHILD_ENV).is_some() {
+    if in_child() {
         // The child: one traced zstd migration.
         migrate_rounds("zstd-traced", COMPRESSED_SIZE, Compression::Zstd, true);
         return;
@@ -346,15 +393,10 @@ fn zstd_c_library_mallocs_nothing_per_packet() {
         let dir: PathBuf = std::env::temp_dir().join(format!("multifd-mtrace-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let trace_file = dir.join("trace");
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["zstd_c_library_mallocs_nothing_per_packet", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .env("LD_PRELOAD", MALLOC_DEBUG)
-            .env("MALLOC_TRACE", &trace_file)
-            .output()
-            .expect("run the traced child");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "the traced zstd migration failed: {stderr}");
+        alone(
+            "zstd_c_library_mallocs_nothing_per_packet",
+            &[("LD_PRELOAD", OsStr::new(MALLOC_DEBUG)), ("MALLOC_TRACE", trace_file.as_os_str())],
+        );
         let trace = std::fs::read_to_string(&trace_file).unwrap_or_default();
         let _ = std::fs::remove_dir_all(&dir);
         let Some(rounds) = trace_rounds(&trace) else {
