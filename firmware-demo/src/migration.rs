@@ -185,7 +185,7 @@ pub(crate) fn regions() -> &'static [AtomicRegion<'static>; 2] {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rings and the receiving side.
+// Rings and the receiving side's errors.
 
 /// A fault to inject into a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
@@ -225,14 +225,6 @@ impl defmt::Format for DestError {
 /// receiving side's.
 type Session = RecvSession<ChannelId, DestError, 4>;
 
-/// What the session found a connection to be.
-#[derive(Clone, Copy)]
-enum Role {
-    Unknown,
-    Main,
-    Channel(ChannelId),
-}
-
 /// One incoming connection: its ring and its role.
 struct Conn {
     ring: Deque<u8, RING>,
@@ -270,6 +262,22 @@ impl Conn {
         }
         n
     }
+}
+
+pub(crate) fn geometry() -> Geometry {
+    // Local invariant: 4096 is a valid page size.
+    Geometry::new(PAGE as u32).unwrap_or_else(|_| panic!("4 KiB pages"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The receive driver: moves the rings' bytes into the session.
+
+/// What the session found a connection to be.
+#[derive(Clone, Copy)]
+enum Role {
+    Unknown,
+    Main,
+    Channel(ChannelId),
 }
 
 /// The receiving side: the connections' rings, driven through the receive session (which finds out
@@ -406,11 +414,6 @@ impl Dest {
             self.fail(e.into());
         }
     }
-}
-
-pub(crate) fn geometry() -> Geometry {
-    // Local invariant: 4096 is a valid page size.
-    Geometry::new(PAGE as u32).unwrap_or_else(|_| panic!("4 KiB pages"))
 }
 
 // ---------------------------------------------------------------------------------------------

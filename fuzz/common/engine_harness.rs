@@ -9,11 +9,10 @@
 //! (fuzz/fuzz_targets/) and the malformed-corpus test (tests/tests/malformed_corpus.rs), which
 //! includes this file with `#[path]`.
 //!
-//! Compressed packets ([`Want::Compressed`]) are decompressed as `multifd recv`'s channel workers do
-//! it: at a channel's first compressed packet the harness makes that channel's decoder
-//! (`multifd_std::codec::decoder`, the real zlib and zstd streams) and a payload buffer of
-//! [`RecvChannel::max_compressed`] bytes, keeps them for the channel's life, reads each whole
-//! payload into the buffer and hands it to [`RecvChannel::decompress`]. A stream that ends inside a
+//! Compressed packets ([`Want::Compressed`]) go through the channel's
+//! [`multifd_std::codec::ChannelDecoder`], the type `multifd recv`'s channel workers use: it makes
+//! the real zlib or zstd stream and its buffers at the channel's first compressed packet, takes the
+//! payload in whatever pieces arrive, and decompresses it once whole. A stream that ends inside a
 //! payload is reported by the channel's end ([`multifd_core::recv::Cut::Compressed`]).
 //! [`Setup::compression`] is the receiver's accepted set (`multifd recv --compression`).
 //!
@@ -25,8 +24,10 @@
 //! - after the run every guard byte still holds [`GUARD`];
 //! - an error that names a channel names the channel it came from; `Overrun` (a harness bug) never
 //!   happens; every error has a non-empty message;
-//! - a compressed payload the engine asks for fits [`RecvChannel::max_compressed`], and a packet
-//!   decompressed without error counts exactly its payload's bytes.
+//! - a compressed payload the engine asks for fits [`RecvChannel::max_compressed`] (else the
+//!   decoder's cut buffer ends in `Overrun`), nothing of it is counted before its last byte, and
+//!   once decompressed without error it counts exactly its payload's bytes;
+//! - plain data is counted as it is read.
 //!
 //! Streams are connections in connection order; the session decides from their first bytes which
 //! one is the main stream (usually stream 0) and which channel each other one is (its init packet).
@@ -40,13 +41,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use multifd_core::bitmap::{AtomicWord, words_for};
 use multifd_core::block::{BlockSpec, BlockTable, GuestMemory, ZeroPagePolicy};
-use multifd_core::codec::{Accept, Decompress};
+use multifd_core::codec::Accept;
 use multifd_core::lifecycle::{ChannelId, Platform, Wake, WorkerExit};
 use multifd_core::recv::{
-    Identity, MainState, MainStream, PageRange, RecvChannel, RecvError, RecvSession, SessionConfig, Want,
+    ChannelStats, Identity, MainState, MainStream, PageRange, RecvChannel, RecvError, RecvSession, SessionConfig, Want,
 };
 use multifd_core::wire::packet::INIT_PACKET_LEN;
-use multifd_core::wire::{Compression, Geometry, Layout, PacketConfig};
+use multifd_core::wire::{Geometry, Layout, PacketConfig};
+use multifd_std::codec::ChannelDecoder;
 
 /// The value of every guard byte.
 pub const GUARD: u8 = 0xA5;
@@ -258,7 +260,7 @@ pub fn run(setup: &Setup, ops: &[Op<'_>]) -> Outcome {
     Outcome { result, epochs, memory }
 }
 
-/// Checks that an error raised while feeding channel `id` (or recorded when it ended) names that
+/// Checks that an error raised while stepping channel `id` (or recorded when it ended) names that
 /// channel, and that no `Overrun` (a harness bug) happens.
 fn check_channel_error(e: &Fail, id: ChannelId) {
     match *e {
@@ -290,6 +292,34 @@ fn check_pages(table: &Table<'_>, asked: PageRange, page: usize, ranges: &[PageR
     }
 }
 
+/// Checks a channel's counters after it read `n` bytes of plain data: counted as read.
+fn check_counted(before: ChannelStats, after: ChannelStats, n: usize) {
+    let (bytes, packed) = (after.bytes - before.bytes, after.compressed_bytes - before.compressed_bytes);
+    assert_eq!((bytes, packed), (n as u64, 0), "plain bytes read and bytes counted");
+}
+
+/// Takes the front of `input` into `ch`'s compressed payload of `len` bytes through the channel's
+/// decoder ([`ChannelDecoder::take`], as a worker's reads do) and checks the counters: nothing is
+/// counted until the payload's last byte arrives, then the whole payload, decompressed.
+fn take_checked(
+    ch: &mut RecvChannel,
+    dec: &mut ChannelDecoder,
+    input: &[u8],
+    len: usize,
+    table: &Table,
+) -> Result<usize, Fail> {
+    let (before, have) = (ch.stats(), dec.have());
+    let n = dec.take(ch, input, table)?;
+    let after = ch.stats();
+    // Completed: something arrived and the decoder holds nothing of a payload any more.
+    let done = if n > 0 && dec.have() == 0 { have + n } else { 0 };
+    assert!(done > 0 || dec.have() == have + n, "{n} more bytes of a {len}-byte payload, {have} before");
+    assert!(done == 0 || done == len, "a {len}-byte payload decompressed after {done} bytes");
+    let (bytes, packed) = (after.bytes - before.bytes, after.compressed_bytes - before.compressed_bytes);
+    assert_eq!((bytes, packed), (done as u64, done as u64), "compressed payload bytes counted");
+    Ok(n)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The receive driver: moves the connections' bytes into the session.
 
@@ -298,26 +328,17 @@ enum Role {
     Unknown,
     /// The main stream; `true` once its block list is complete and matched the table.
     Main(bool),
-    Channel(Box<RecvChannel>),
+    /// A channel, and its decoder (as `multifd recv`'s workers have one).
+    Channel(Box<RecvChannel>, ChannelDecoder),
     Done,
 }
 
-/// A connection: what arrived and was not read yet, whether page data is read vectored, its end,
-/// and (once it had a compressed packet) its decompression state.
+/// A connection: what arrived and was not read yet, whether page data is read vectored, its end.
 struct Conn {
     role: Role,
     bytes: VecDeque<u8>,
     vectored: bool,
     eof: bool,
-    codec: Option<Codec>,
-}
-
-/// A channel's decompression state, made at its first compressed packet as `multifd recv` makes
-/// it: the stream, a buffer for the largest payload a packet may have, and one page.
-struct Codec {
-    stream: Box<dyn Decompress + Send>,
-    payload: Vec<u8>,
-    page: Vec<u8>,
 }
 
 struct Model<'t> {
@@ -333,14 +354,14 @@ struct Model<'t> {
 fn drive(cfg: SessionConfig, table: &Table<'_>, ops: &[Op<'_>], zstd_window: u64) -> (Result<(), Fail>, u32) {
     let s = Session::new(cfg).expect("harness channel count");
     s.lifecycle().create_all(&Inline, |_| Ok(())).expect("harness lifecycle");
-    let conn = |_| Conn { role: Role::Unknown, bytes: VecDeque::new(), vectored: false, eof: false, codec: None };
-    let mut m = Model { s: &s, table, main: MainStream::new(&s), conns: Vec::new(), zstd_window };
-    m.conns = (0..=cfg.channels).map(conn).collect();
-    let ends: Vec<Op<'_>> = (0..m.conns.len()).map(|stream| Op::End { stream }).collect();
-    for op in ops.iter().chain(&ends) {
-        let (Op::Data { stream, .. } | Op::End { stream }) = *op;
+    let conns =
+        (0..=cfg.channels).map(|_| Conn { role: Role::Unknown, bytes: VecDeque::new(), vectored: false, eof: false });
+    let conns = conns.collect();
+    let mut m = Model { s: &s, table, main: MainStream::new(&s), conns, zstd_window };
+    for op in ops.iter().copied().chain((0..=usize::from(cfg.channels)).map(|stream| Op::End { stream })) {
+        let (Op::Data { stream, .. } | Op::End { stream }) = op;
         let Some(c) = m.conns.get_mut(stream) else { continue };
-        match *op {
+        match op {
             Op::Data { bytes, vectored, .. } => (c.vectored, ()) = (vectored, c.bytes.extend(bytes)),
             Op::End { .. } => c.eof = true,
         }
@@ -358,11 +379,10 @@ impl Model<'_> {
     fn pump(&mut self) {
         while self.s.lifecycle().error().is_none() {
             let main_at = self.conns.iter().position(|c| matches!(c.role, Role::Main(_)));
-            let (epochs, mut moved) = (self.s.epochs(), false);
-            for i in (0..self.conns.len()).filter(|&i| Some(i) != main_at).chain(main_at) {
-                moved |= self.step(i).map_err(|e| self.s.lifecycle().record_error(&Inline, e)).unwrap_or(false);
-            }
-            if !moved && self.s.epochs() == epochs {
+            let (epochs, order) = (self.s.epochs(), (0..self.conns.len()).filter(|&i| Some(i) != main_at));
+            let stepped =
+                order.chain(main_at).map(|i| self.step(i).map_err(|e| self.s.lifecycle().record_error(&Inline, e)));
+            if !stepped.fold(false, |moved, step| step.unwrap_or(false) | moved) && self.s.epochs() == epochs {
                 break;
             }
         }
@@ -370,17 +390,17 @@ impl Model<'_> {
 
     /// Moves connection `i`'s bytes into the session; returns whether anything moved.
     fn step(&mut self, i: usize) -> Result<bool, Fail> {
-        let (s, table, zstd_window, conn) = (self.s, self.table, self.zstd_window, &mut self.conns[i]);
-        let (input, mut moved) = (conn.bytes.as_slices().0, false);
+        let (s, table, window, conn) = (self.s, self.table, self.zstd_window, &mut self.conns[i]);
+        let (input, mut moved): (&[u8], _) = (conn.bytes.make_contiguous(), false);
         let used = match &mut conn.role {
             Role::Unknown => {
-                let start: Vec<u8> = conn.bytes.iter().copied().take(INIT_PACKET_LEN).collect();
+                let start = &input[..input.len().min(INIT_PACKET_LEN)];
                 let refused = |error| Fail::Connection { stream: i, error };
-                conn.role = match s.identify(&start).map_err(refused)? {
+                conn.role = match s.identify(start).map_err(refused)? {
                     Identity::NeedMore { .. } if !conn.eof => return Ok(false),
                     Identity::NeedMore { .. } => return Err(refused(s.closed_unidentified(start.len()))),
                     Identity::Main => Role::Main(false),
-                    Identity::Channel(id) => Role::Channel(Box::new(s.channel(id)?)),
+                    Identity::Channel(id) => Role::Channel(Box::new(s.channel(id)?), ChannelDecoder::new(window)),
                 };
                 moved = true;
                 if matches!(conn.role, Role::Main(_)) { 0 } else { INIT_PACKET_LEN }
@@ -402,94 +422,43 @@ impl Model<'_> {
                 }
                 used
             }
-            Role::Channel(ch) => {
-                if !s.poll_sync(ch) {
-                    return Ok(false);
-                }
-                // A compressed payload is taken whole, once all of it arrived (as a worker reads it).
-                let ps = s.config().packet.geometry.page_size() as usize;
-                let payload = match ch.want() {
-                    Want::Compressed { len, method } => Some((len, method)),
-                    _ => None,
-                };
-                let starved = payload.is_some_and(|(len, _)| conn.bytes.len() < len);
-                if conn.eof && (input.is_empty() || starved) {
+            Role::Channel(ch, codec) => {
+                let true = s.poll_sync(ch) else { return Ok(false) };
+                if conn.eof && input.is_empty() {
                     s.channel_done(&Inline, ch, true);
                     s.lifecycle().error().inspect(|e| check_channel_error(e, ch.id()));
                     conn.role = Role::Done;
                     return Ok(true);
                 }
-                match payload {
-                    Some(_) if starved => return Ok(false),
-                    Some((len, method)) => {
-                        let codec = match &mut conn.codec {
-                            Some(c) => c,
-                            None => conn.codec.insert(new_codec(ch, method, zstd_window, ps)?),
-                        };
-                        assert!(len <= codec.payload.len(), "a {len}-byte compressed payload asked for");
-                        let (front, back) = conn.bytes.as_slices();
-                        let k = front.len().min(len);
-                        codec.payload[..k].copy_from_slice(&front[..k]);
-                        codec.payload[k..len].copy_from_slice(&back[..len - k]);
-                        decompress(ch, codec, len, table)?;
-                        len
-                    }
-                    None => feed(ch, input, conn.vectored, table, ps)?,
-                }
+                // One read: what the channel wants next, at most (page data into the ranges
+                // `pending_pages` lists when vectored, a compressed payload into its decoder).
+                let mut read = || -> Result<usize, Fail> {
+                    let (before, mut ranges) = (ch.stats(), [PageRange::EMPTY; IOV]);
+                    let n = match ch.want() {
+                        Want::Header(buf) => buf.iter_mut().zip(input).map(|(d, b)| *d = *b).count(),
+                        Want::Page { block, page, offset, len } => {
+                            let count = ch.pending_pages(table, &mut ranges[..if conn.vectored { IOV } else { 1 }]);
+                            let asked = PageRange { block, offset, len };
+                            check_pages(table, asked, page.get(), &ranges[..count], ch.page_size());
+                            ranges[..count].iter().fold(0, |at, r| {
+                                let k = r.len.min(input.len() - at);
+                                table.get(r.block).inspect(|b| b.memory().write(r.offset, &input[at..at + k]));
+                                at + k
+                            })
+                        }
+                        Want::Discard(len) => len.min(input.len()),
+                        Want::Compressed { len, .. } => return take_checked(ch, codec, input, len, table),
+                        Want::Sync => 0,
+                    };
+                    ch.advance_many(n, table)?;
+                    check_counted(before, ch.stats(), n);
+                    Ok(n)
+                };
+                read().inspect_err(|e| check_channel_error(e, ch.id()))?
             }
             Role::Done => 0,
         };
         conn.bytes.drain(..used);
         Ok(used > 0 || moved)
     }
-}
-
-/// A channel's decompression state for `method` (see [`Codec`]), or the error `multifd recv` gives
-/// when it cannot make one.
-fn new_codec(ch: &RecvChannel, method: Compression, zstd_window: u64, page_size: usize) -> Result<Codec, Fail> {
-    let (channel, packet) = (ch.id(), ch.stats().packets.saturating_sub(1));
-    let stream = multifd_std::codec::decoder(method, zstd_window)
-        .map_err(|error| Fail::Session(RecvError::Codec { channel, packet, method, error }))?
-        .ok_or(Fail::Session(RecvError::NoDecompressor { channel, packet, method }))?;
-    assert_eq!(stream.method(), method, "multifd_std::codec::decoder made a decoder for another method");
-    Ok(Codec { stream, payload: vec![0u8; ch.max_compressed()], page: vec![0u8; page_size] })
-}
-
-/// Decompresses the `len`-byte payload in `codec`'s buffer into the packet's pages; checks the byte
-/// counts on success.
-fn decompress(ch: &mut RecvChannel, codec: &mut Codec, len: usize, table: &Table<'_>) -> Result<(), Fail> {
-    let (id, before) = (ch.id(), ch.stats());
-    let Codec { stream, payload, page } = codec;
-    ch.decompress(&payload[..len], stream.as_mut(), page, table)
-        .map_err(Fail::Session)
-        .inspect_err(|e| check_channel_error(e, id))?;
-    let after = ch.stats();
-    assert_eq!(after.bytes - before.bytes, len as u64, "payload bytes consumed and counted differ");
-    assert_eq!(after.compressed_bytes - before.compressed_bytes, len as u64, "compressed bytes miscounted");
-    Ok(())
-}
-
-/// Feeds the front of `input` to `ch` as one read: what the channel wants next, at most (page data
-/// into the ranges `pending_pages` lists when `vectored`). Returns the bytes used (0 only when the
-/// channel is parked at a SYNC, or `input` is empty).
-fn feed(ch: &mut RecvChannel, input: &[u8], vectored: bool, table: &Table<'_>, ps: usize) -> Result<usize, Fail> {
-    let (id, before, mut ranges) = (ch.id(), ch.stats().bytes, [PageRange::EMPTY; IOV]);
-    let n = match ch.want() {
-        Want::Header(buf) => buf.iter_mut().zip(input).map(|(d, b)| *d = *b).count(),
-        Want::Page { block, page, offset, len } => {
-            let count = ch.pending_pages(table, &mut ranges[..if vectored { IOV } else { 1 }]);
-            check_pages(table, PageRange { block, offset, len }, page.get(), &ranges[..count], ps);
-            ranges[..count].iter().fold(0, |at, r| {
-                let k = r.len.min(input.len() - at);
-                table.get(r.block).inspect(|b| b.memory().write(r.offset, &input[at..at + k]));
-                at + k
-            })
-        }
-        Want::Discard(len) => len.min(input.len()),
-        // Taken whole by `Model::step`, never here.
-        Want::Compressed { .. } | Want::Sync => 0,
-    };
-    ch.advance_many(n, table).map_err(Fail::Session).inspect_err(|e| check_channel_error(e, id))?;
-    assert_eq!(ch.stats().bytes - before, n as u64, "bytes consumed and counted differ");
-    Ok(n)
 }

@@ -11,7 +11,9 @@
 //! Errors are the core's [`CodecError`], with the libraries' own static names for what failed.
 
 use flate2::{FlushCompress, FlushDecompress, Status};
+use multifd_core::block::{BlockTable, GuestMemory};
 use multifd_core::codec::{CodecError, Compress, Decompress};
+use multifd_core::recv::{RecvChannel, RecvError, Want};
 use multifd_core::wire::Compression;
 use zstd::zstd_safe;
 
@@ -34,6 +36,115 @@ pub fn decoder(method: Compression, zstd_window: u64) -> Result<Option<Box<dyn D
         Compression::Zstd => Some(Box::new(ZstdDecoder::new(zstd_window)?)),
         _ => None,
     })
+}
+
+/// A receiving channel's decompression: made with the channel (allocating nothing); at the
+/// channel's first compressed packet it makes its stream, a buffer for the largest payload one of
+/// the channel's packets may have, and a page to decompress into, and keeps them for the channel's
+/// life, so that nothing is allocated per packet. `multifd recv`'s channel workers use it, and so
+/// does the fuzz harness.
+///
+/// A payload (what `Want::Compressed` asks for) arrives in as many pieces as the transport gives:
+/// read them into [`ChannelDecoder::unfilled`] and report each with [`ChannelDecoder::filled`], or
+/// hand buffered bytes to [`ChannelDecoder::take`]. Once the whole payload is in, it is decompressed
+/// into the packet's pages ([`RecvChannel::decompress`]) and the channel wants its next header. The
+/// length and the method are the channel's: the calls read them from [`RecvChannel::want`].
+pub struct ChannelDecoder {
+    zstd_window: u64,
+    made: Option<Made>,
+}
+
+/// What a [`ChannelDecoder`] makes at its channel's first compressed packet.
+struct Made {
+    stream: Box<dyn Decompress + Send>,
+    payload: Vec<u8>,
+    /// Bytes of the current payload received so far.
+    have: usize,
+    page: Vec<u8>,
+}
+
+impl std::fmt::Debug for ChannelDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let method = self.made.as_ref().map(|m| m.stream.method());
+        f.debug_struct("ChannelDecoder").field("method", &method).field("have", &self.have()).finish_non_exhaustive()
+    }
+}
+
+impl ChannelDecoder {
+    /// A channel's decoder that accepts zstd windows up to `zstd_window` bytes.
+    pub const fn new(zstd_window: u64) -> Self {
+        ChannelDecoder { zstd_window, made: None }
+    }
+
+    /// The method decompressed, once the channel had a compressed packet.
+    pub fn method(&self) -> Option<Compression> {
+        self.made.as_ref().map(|m| m.stream.method())
+    }
+
+    /// Bytes of the current payload received so far (0 between payloads).
+    pub fn have(&self) -> usize {
+        self.made.as_ref().map_or(0, |m| m.have)
+    }
+
+    /// The part of the payload `ch` wants that has not arrived yet: where the next read goes. Empty
+    /// if `ch` does not want a compressed payload. At the channel's first compressed packet this
+    /// makes the stream and the buffers. Errors: [`RecvError::Codec`] if the stream cannot be made,
+    /// [`RecvError::NoDecompressor`] if this build has no decoder for the packet's method.
+    pub fn unfilled(&mut self, ch: &mut RecvChannel) -> Result<&mut [u8], RecvError> {
+        let Want::Compressed { len, method } = ch.want() else { return Ok(&mut []) };
+        let made = match self.made.take() {
+            Some(m) => m,
+            None => Made::new(ch, method, self.zstd_window)?,
+        };
+        let made = self.made.insert(made);
+        // The session never asks for more than the buffer holds (`RecvChannel::max_compressed`);
+        // a larger length is cut to the buffer, and `filled` then fails with the sizes.
+        let end = len.min(made.payload.len());
+        Ok(made.payload.get_mut(made.have..end).unwrap_or_default())
+    }
+
+    /// Records that `n` more bytes of the payload were written into [`ChannelDecoder::unfilled`];
+    /// once all of it is in, decompresses it into the pages of `ch`'s current packet.
+    pub fn filled<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        n: usize,
+        ch: &mut RecvChannel,
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<(), RecvError> {
+        let (Want::Compressed { len, .. }, Some(made)) = (ch.want(), &mut self.made) else { return Ok(()) };
+        made.have = made.have.saturating_add(n);
+        if made.have < len.min(made.payload.len()) {
+            return Ok(());
+        }
+        let input = made.payload.get(..made.have).unwrap_or(&made.payload);
+        made.have = 0;
+        ch.decompress(input, made.stream.as_mut(), &mut made.page, table)
+    }
+
+    /// Copies as much of the payload `ch` wants as `input` holds and records it
+    /// ([`ChannelDecoder::filled`]); returns the bytes taken from `input`.
+    pub fn take<M: GuestMemory + ?Sized, const N: usize>(
+        &mut self,
+        ch: &mut RecvChannel,
+        input: &[u8],
+        table: &BlockTable<'_, M, N>,
+    ) -> Result<usize, RecvError> {
+        let dst = self.unfilled(ch)?;
+        let n = dst.len().min(input.len());
+        dst[..n].copy_from_slice(&input[..n]);
+        self.filled(n, ch, table).map(|()| n)
+    }
+}
+
+impl Made {
+    fn new(ch: &RecvChannel, method: Compression, zstd_window: u64) -> Result<Self, RecvError> {
+        let (channel, packet) = (ch.id(), ch.stats().packets.saturating_sub(1));
+        let stream = decoder(method, zstd_window)
+            .map_err(|error| RecvError::Codec { channel, packet, method, error })?
+            .ok_or(RecvError::NoDecompressor { channel, packet, method })?;
+        log::debug!("channel {}: {} compressed", channel.0, method.name());
+        Ok(Made { stream, payload: vec![0u8; ch.max_compressed()], have: 0, page: vec![0u8; ch.page_size()] })
+    }
 }
 
 /// A compressor for `method` at `level` (checked against [`ZLIB_LEVELS`] / [`ZSTD_LEVELS`]).

@@ -640,6 +640,12 @@ impl RecvChannel {
         self.method
     }
 
+    /// The page size of this channel's packets in bytes: the scratch [`RecvChannel::decompress`]
+    /// needs.
+    pub fn page_size(&self) -> usize {
+        self.cfg.geometry.bytes()
+    }
+
     /// The largest compressed payload a packet can have with this channel's geometry: the buffer
     /// an embedder needs for [`Want::Compressed`].
     pub fn max_compressed(&self) -> usize {

@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use multifd_core::block::GuestMemory;
-use multifd_core::codec::Decompress;
 use multifd_core::lifecycle::ChannelId;
-use multifd_core::recv::{PageRange, RecvChannel, RecvError, Want};
-use multifd_core::wire::Compression;
+use multifd_core::recv::{PageRange, RecvChannel, Want};
 
 use super::{Failure, Place, Run, Table, accept, io_failure};
+use crate::codec::ChannelDecoder;
 use crate::platform::StdWaker;
 use crate::util::{read_retry, readv_raw};
 
@@ -53,8 +52,8 @@ impl Run<'_, '_> {
         let mut scratch = [0u8; 16 * 1024];
         // Whether the current packet's data pages were populated before the first read into them.
         let mut prefaulted = false;
-        // Made at the channel's first compressed packet, then kept: no allocation per packet.
-        let mut codec: Option<Compressed> = None;
+        // Its stream and buffers are made at the channel's first compressed packet, then kept.
+        let mut codec = ChannelDecoder::new(self.limits.zstd_window);
         loop {
             let n = match ch.want() {
                 Want::Header(buf) => {
@@ -73,26 +72,19 @@ impl Run<'_, '_> {
                 Want::Discard(len) => {
                     read_retry(stream, &mut scratch[..len.min(16 * 1024)], self.stall).map_err(io_err)?
                 }
-                Want::Compressed { len, method } => {
-                    let c = match &mut codec {
-                        Some(c) => c,
-                        None => codec.insert(self.compressed(ch, method)?),
-                    };
+                Want::Compressed { .. } => {
                     // Fresh memory is populated per run of the packet's pages, as for plain ones.
-                    let count = ch.pending_pages(self.table, &mut page_io.ranges);
-                    prefault_runs(self.table, &page_io.ranges[..count]);
-                    let buf = &mut c.payload[..len];
-                    let mut got = 0;
-                    while got < len {
-                        let n = read_retry(stream, &mut buf[got..], self.stall).map_err(io_err)?;
-                        if n == 0 {
-                            // Closed inside the payload: `finish` names the cut.
-                            return Ok(!self.session.lifecycle().is_quitting());
-                        }
-                        self.stall.moved(n);
-                        got += n;
+                    if codec.have() == 0 {
+                        let count = ch.pending_pages(self.table, &mut page_io.ranges);
+                        prefault_runs(self.table, &page_io.ranges[..count]);
                     }
-                    ch.decompress(buf, c.codec.as_mut(), &mut c.page, self.table)?;
+                    let n = read_retry(stream, codec.unfilled(ch)?, self.stall).map_err(io_err)?;
+                    if n == 0 {
+                        // Closed inside the payload: `finish` names the cut.
+                        return Ok(!self.session.lifecycle().is_quitting());
+                    }
+                    self.stall.moved(n);
+                    codec.filled(n, ch, self.table)?;
                     continue;
                 }
                 Want::Sync => {
@@ -106,18 +98,6 @@ impl Run<'_, '_> {
             self.stall.moved(n);
             ch.advance(n, self.table)?;
         }
-    }
-
-    /// A channel's decompression state for `method`: the stream, a buffer for the largest payload a
-    /// packet may have, and one page to decompress into.
-    fn compressed(&self, ch: &RecvChannel, method: Compression) -> Result<Compressed, Failure> {
-        let (channel, packet) = (ch.id(), ch.stats().packets.saturating_sub(1));
-        let codec = crate::codec::decoder(method, self.limits.zstd_window)
-            .map_err(|error| Failure::Recv(RecvError::Codec { channel, packet, method, error }))?
-            .ok_or(Failure::Recv(RecvError::NoDecompressor { channel, packet, method }))?;
-        log::debug!("channel {}: {} compressed", ch.id().0, method.name());
-        let page = vec![0u8; self.opts.page_size as usize];
-        Ok(Compressed { codec, payload: vec![0u8; ch.max_compressed()], page })
     }
 
     /// The rest of the packet's pages in one vectored read, straight into guest memory (populated
@@ -191,13 +171,6 @@ impl Run<'_, '_> {
         }
         bar.finish_and_clear();
     }
-}
-
-/// A channel worker's decompression state (see `Run::compressed`).
-struct Compressed {
-    codec: Box<dyn Decompress + Send>,
-    payload: Vec<u8>,
-    page: Vec<u8>,
 }
 
 /// A channel worker's buffers for one vectored read: the packet's pending page ranges and the
