@@ -27,6 +27,9 @@
 #   MULTIFD_BENCH_ONLY_BASE=1 (with MULTIFD_BENCH_BASE: run only this build's and the base build's
 #   variants, no QEMU source, iperf3 or floor; every ratio against QEMU or the floor changes by exactly
 #   the now/base factor, since both builds are divided by the same reference).
+#   MULTIFD_BENCH_AA=1 (with MULTIFD_BENCH_BASE: the base build's runs twice, as `_base` and
+#   `_base2`, and the table also pairs them: the same build against itself, i.e. the spread this
+#   machine gives when nothing changed, against which a now/base ratio is read).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -42,7 +45,7 @@ mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(iperf3 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
 BASE="${MULTIFD_BENCH_BASE:-}"
 [ -z "$BASE" ] || [ -x "$BASE" ] || { echo "MULTIFD_BENCH_BASE=$BASE is not an executable" >&2; exit 2; }
-PYTHONPATH="$(pwd)/scripts" BASE="$BASE" ONLY_BASE="${MULTIFD_BENCH_ONLY_BASE:-}" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
+PYTHONPATH="$(pwd)/scripts" BASE="$BASE" ONLY_BASE="${MULTIFD_BENCH_ONLY_BASE:-}" AA="${MULTIFD_BENCH_AA:-}" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
 import json, os, re, subprocess, sys, time
 from benchlib import (ChildCpu, Recv, Runs, make_image, qemu_dest, qemu_source, run_send, same_file, send_started,
                       start_migration)
@@ -55,6 +58,7 @@ MIBF = float(1 << 20)
 
 BASE = os.environ.get("BASE") or None
 ONLY_BASE = os.environ.get("ONLY_BASE") == "1"
+AA = os.environ.get("AA") == "1"
 GIB = MIB / 1024
 
 
@@ -127,6 +131,9 @@ if ONLY_BASE:
 if BASE:
     VARIANTS += [("ours_fresh_base", lambda c: ours(c, False, BASE)), ("ours_pre_base", lambda c: ours(c, True, BASE)),
                  ("send_qdest_base", lambda c: send_qdest(c, BASE))]
+if BASE and AA:
+    VARIANTS += [("ours_fresh_base2", lambda c: ours(c, False, BASE)), ("ours_pre_base2", lambda c: ours(c, True, BASE)),
+                 ("send_qdest_base2", lambda c: send_qdest(c, BASE))]
 runs = Runs()
 try:
     warm = Runs()
@@ -144,9 +151,14 @@ finally:
 def before_after():
     print(f"\nBefore/after: this build against {BASE} (both ends), paired within each repetition:\n")
     both = ((None, "wall time"), ("cpu_s/GiB", "CPU s/GiB, both ends"))
-    runs.paired_table([("ours_fresh", "ours_fresh_base", both), ("ours_pre", "ours_pre_base", both),
-                       ("send_qdest", "send_qdest_base", ((None, "wall time"), ("send_cpu_s/GiB", "CPU s/GiB, send")))],
-                      CHANNELS)
+    send = ((None, "wall time"), ("send_cpu_s/GiB", "CPU s/GiB, send"))
+    pairs = [("ours_fresh", "ours_fresh_base", both), ("ours_pre", "ours_pre_base", both),
+             ("send_qdest", "send_qdest_base", send)]
+    if AA:
+        # The base build against itself: what the same table says when nothing changed.
+        pairs += [("ours_fresh_base2", "ours_fresh_base", both), ("ours_pre_base2", "ours_pre_base", both),
+                  ("send_qdest_base2", "send_qdest_base", send)]
+    runs.paired_table(pairs, CHANNELS)
 
 
 if ONLY_BASE:

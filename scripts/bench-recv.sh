@@ -25,6 +25,9 @@
 #   interquartile range and a bootstrap 95% interval of the median),
 #   MULTIFD_BENCH_ONLY_BASE=1 (with MULTIFD_BENCH_BASE: only the two builds' recv and prealloc runs,
 #   no QEMU destination or discard sink; every ratio against those changes by exactly now/base).
+#   MULTIFD_BENCH_AA=1 (with MULTIFD_BENCH_BASE: the base build's runs twice, as `_base` and
+#   `_base2`, and the table also pairs them: the same build against itself, i.e. the spread this
+#   machine gives when nothing changed, against which a now/base ratio is read).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -39,7 +42,7 @@ mkdir -p "$WORK"
 echo "== $(qemu-system-x86_64 --version | head -n1); $(nproc) CPUs; guest ${MIB} MiB; reps $REPS; channels $CHANNELS"
 BASE="${MULTIFD_BENCH_BASE:-}"
 [ -z "$BASE" ] || [ -x "$BASE" ] || { echo "MULTIFD_BENCH_BASE=$BASE is not an executable" >&2; exit 2; }
-PYTHONPATH="$(pwd)/scripts" BASE="$BASE" ONLY_BASE="${MULTIFD_BENCH_ONLY_BASE:-}" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
+PYTHONPATH="$(pwd)/scripts" BASE="$BASE" ONLY_BASE="${MULTIFD_BENCH_ONLY_BASE:-}" AA="${MULTIFD_BENCH_AA:-}" exec python3 - "$BIN" "$WORK" "$MIB" "$REPS" $CHANNELS <<'PY'
 import os, sys
 from benchlib import Recv, Runs, discard_sink, make_image, qemu_dest, qemu_source, same_file, start_migration
 
@@ -51,6 +54,7 @@ GIB = MIB / 1024
 
 BASE = os.environ.get("BASE") or None
 ONLY_BASE = os.environ.get("ONLY_BASE") == "1"
+AA = os.environ.get("AA") == "1"
 
 
 def run_recv(ch, prealloc, binary=BIN):
@@ -103,6 +107,8 @@ if ONLY_BASE:
     VARIANTS = [(n, f) for n, f in VARIANTS if n in ("recv", "prealloc")]
 if BASE:
     VARIANTS += [("recv_base", lambda c: run_recv(c, False, BASE)), ("prealloc_base", lambda c: run_recv(c, True, BASE))]
+if BASE and AA:
+    VARIANTS += [("recv_base2", lambda c: run_recv(c, False, BASE)), ("prealloc_base2", lambda c: run_recv(c, True, BASE))]
 # One unmeasured round first: the first migrations after the image is written run cold (page
 # cache, transparent huge page pools) and would skew whichever variant came first.
 warm = Runs()
@@ -120,7 +126,11 @@ for rep in range(1, REPS + 1):
 def before_after():
     print(f"\nBefore/after: this build against {BASE}, paired within each repetition:\n")
     dest = ((None, "wall time"), ("cpu_s/GiB", "CPU s/GiB, destination"))
-    runs.paired_table([("recv", "recv_base", dest), ("prealloc", "prealloc_base", dest)], CHANNELS)
+    pairs = [("recv", "recv_base", dest), ("prealloc", "prealloc_base", dest)]
+    if AA:
+        # The base build against itself: what the same table says when nothing changed.
+        pairs += [("recv_base2", "recv_base", dest), ("prealloc_base2", "prealloc_base", dest)]
+    runs.paired_table(pairs, CHANNELS)
 
 
 if ONLY_BASE:
