@@ -17,6 +17,8 @@
 # query-migrate says completed, polled every 2 ms). multifd recv's block file is compared with the
 # image after every run (outside the timing); a run that fails is reported and left out of the medians.
 # Wire throughput = bytes multifd recv read from all connections / time.
+# Every run also prints steal_%: the share of all CPU ticks during the run that the hypervisor gave
+# to someone else (/proc/stat), which wall time includes; the before/after table gives its medians.
 #
 # Usage: scripts/bench-migrate.sh [REPS] [CHANNELS...]    (defaults: 5 reps, channels 1 2 4)
 # Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir),

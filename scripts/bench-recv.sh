@@ -16,6 +16,8 @@
 # guest RAM over the same interval (multifd recv: getrusage at "all pages received" minus /proc
 # before the migration; QEMU: /proc/PID/stat before `migrate` and at completion). The received
 # block file is compared with the image after every multifd recv run (outside the timing).
+# Every run also prints steal_%: the share of all CPU ticks during the run that the hypervisor gave
+# to someone else (/proc/stat), which wall time includes; the before/after table gives its medians.
 #
 # Usage: scripts/bench-recv.sh [REPS] [CHANNELS...]     (defaults: 5 reps, channels 1 2 4)
 # Knobs: MULTIFD_BENCH_MIB (guest size, default 1024), MULTIFD_BENCH_DIR (work dir),

@@ -255,6 +255,20 @@ def discard_sink(channels):
     return ls.getsockname()[1], wait
 
 
+def steal_ticks():
+    """(steal, all) clock ticks of every CPU since boot, from /proc/stat: time the hypervisor gave this
+    VM's vCPUs to someone else (the 8th field), which every wall-clock figure here silently includes."""
+    with open("/proc/stat") as f:
+        xs = [int(x) for x in f.readline().split()[1:]]
+    return xs[7] if len(xs) > 7 else 0, sum(xs[:8])
+
+
+def steal_share(a, b):
+    """Percent of all CPU ticks between two `steal_ticks()` readings that were stolen (0 if none passed)."""
+    d = b[1] - a[1]
+    return 100.0 * (b[0] - a[0]) / d if d > 0 else 0.0
+
+
 class Runs:
     """Collects timed runs per (variant, channels); failed runs are printed and counted, never hidden."""
 
@@ -265,6 +279,7 @@ class Runs:
         self.failures = []
 
     def run(self, rep, ch, name, fn):
+        st0 = steal_ticks()
         try:
             r = fn(ch)
         except Exception as e:
@@ -273,6 +288,7 @@ class Runs:
             print(f"rep {rep} channels {ch} {name:12s} FAILED: {msg}", flush=True)
             return
         t, extra = r if isinstance(r, tuple) else (r, {})
+        extra = dict(extra, **{"steal_%": steal_share(st0, steal_ticks())})
         self.t.setdefault((name, ch), []).append(t)
         self.reps.setdefault((name, ch, None), []).append((rep, t))
         for k, v in extra.items():
@@ -316,8 +332,8 @@ class Runs:
         """Prints the before/after table, one row per (pair, channels, measure); pairs are
         (now, base, ((key or None for the time, label), ...))."""
         print("| channels | variant | measure | now/base median | IQR | 95% interval of the median | slower in "
-              "| ratio of minima | its 95% interval |")
-        print("|---:|---|---|---:|---|---|---:|---:|---|")
+              "| ratio of minima | its 95% interval | steal % now, base (medians) |")
+        print("|---:|---|---|---:|---|---|---:|---:|---|---|")
         for now, base, keys in pairs:
             for ch in channels:
                 for key, label in keys:
@@ -326,7 +342,8 @@ class Runs:
                         continue
                     print(f"| {ch} | {now} | {label} | {p['median']:.3f} | {p['q1']:.3f}-{p['q3']:.3f} | "
                           f"{p['lo']:.3f}-{p['hi']:.3f} | {p['slower']}/{p['n']} | {p['min']:.3f} | "
-                          f"{p['min_lo']:.3f}-{p['min_hi']:.3f} |")
+                          f"{p['min_lo']:.3f}-{p['min_hi']:.3f} | {self.median(now, ch, 'steal_%'):.1f}, "
+                          f"{self.median(base, ch, 'steal_%'):.1f} |")
 
     def report_failures(self):
         print(f"\nfailed runs: {len(self.failures)}")
