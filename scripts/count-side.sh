@@ -4,10 +4,11 @@
 # Usage: scripts/count-side.sh recv|send RECV_BIN SEND_BIN CHANNELS IMAGE [--prealloc]
 #   runs RECV_BIN recv and SEND_BIN send over loopback with IMAGE as block m0, twice: once with the
 #   side named first under `perf stat` (software events: page faults, context switches, CPU
-#   migrations, task clock), once under `strace -c -f` (system calls by name; strace slows the run,
+#   migrations; over the whole process, so the block file's write is in them), once under `strace -c -f` (system calls by name; strace slows the run,
 #   so its times mean nothing, its counts do). Prints, per packet of the
 #   migration (the receiver's JSON report), page faults, context switches and system calls, and the
-#   ten most frequent calls. Fails if a block file differs from IMAGE.
+#   ten most frequent calls. Context switches move from run to run with the scheduler (several-fold
+#   between identical runs here); faults and system calls do not. Fails if a block file differs from IMAGE.
 set -euo pipefail
 role=$1 rb=$2 sb=$3 ch=$4 img=$5 pre=${6:-}
 case $role in recv | send) ;; *) echo "first argument: recv or send, not $role" >&2; exit 2 ;; esac
@@ -30,7 +31,7 @@ one() { # one(WRAPPER...): a migration with the chosen side run under WRAPPER; p
   wait
   cmp -s "$d/out/m0.bin" "$img" || { echo "the received block differs from $img" >&2; exit 1; }
 }
-one perf stat -x, -o "$d/perf.txt" -e minor-faults,major-faults,context-switches,cpu-migrations,task-clock
+one perf stat -x, -o "$d/perf.txt" -e minor-faults,major-faults,context-switches,cpu-migrations
 packets=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["packets"])' "$d/report.json")
 one strace -c -f -o "$d/strace.txt"
 python3 - "$d/perf.txt" "$d/strace.txt" "$packets" "$role" <<'PY'
@@ -51,7 +52,6 @@ for line in open(strace):
 calls.sort(reverse=True)
 print(f"{role}: {packets} packets; per packet: minor faults {ev.get('minor-faults', 0) / packets:.2f}, "
       f"context switches {ev.get('context-switches', 0) / packets:.3f}, CPU migrations "
-      f"{ev.get('cpu-migrations', 0) / packets:.3f}, system calls {total / packets:.2f}; "
-      f"task clock {ev.get('task-clock', 0):.0f} ms")
+      f"{ev.get('cpu-migrations', 0) / packets:.3f}, system calls {total / packets:.2f}")
 print("  most frequent calls (count, per packet): " + ", ".join(f"{n} {c} ({n / packets:.2f})" for n, c in calls[:10]))
 PY
